@@ -1,0 +1,103 @@
+"""Needle-in-a-haystack tasks: Landmark Attention's passkey and RULER's NIAH family."""
+
+from __future__ import annotations
+
+import random
+from typing import ClassVar, Literal
+
+from kvsieve.tasks.base import HaystackTask, Needles, draw_fresh, seeded_uuid
+from kvsieve.tasks.haystack import HaystackIndex
+from kvsieve.tasks.words import ADJECTIVES, NOUNS
+
+__all__ = ["NIAHTask", "PasskeyTask"]
+
+ValueType = Literal["number", "word", "uuid"]
+
+
+class PasskeyTask(HaystackTask):
+    """Landmark Attention's passkey retrieval: a 5-digit key stated twice in one sentence, in noise."""
+
+    name = "passkey"
+    description = "Passkey retrieval (Landmark Attention): find a 5-digit pass key hidden in repeated noise."
+    max_new_tokens = 16
+    default_haystack = "noise"
+    prefix: ClassVar[str] = (
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there. "
+    )
+    question: ClassVar[str] = "What is the pass key?"
+    answer_prefix: ClassVar[str] = "The pass key is"
+
+    def draw(self, rng: random.Random, depth: float | None, index: HaystackIndex) -> Needles:
+        assert depth is not None
+        key = draw_fresh(rng, lambda r: str(r.randint(10000, 99999)), index, set(), avoid=self.prefix)
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+        return Needles(prefix=self.prefix, needles=[(needle, depth)], question=self.question, answers=[key],
+                       answer_prefix=self.answer_prefix, expected={key: 2}, meta={"needle": needle})
+
+
+_PLURAL = {"number": "numbers", "word": "words", "uuid": "uuids"}
+
+
+def _english_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+class NIAHTask(HaystackTask):
+    """RULER's needle in a haystack: ``"One of the special magic {numbers} for {key} is: {value}."``.
+
+    ``num_keys`` needles with distinct ``adjective-noun`` keys, ``num_values`` values per key, and the first
+    ``num_queries`` keys asked. The first needle of the first asked key sits at the sample's depth; the
+    others at depths drawn from the seed. Every value and key is checked to be absent from the haystack.
+    """
+
+    def __init__(self, name: str, description: str, value_type: ValueType = "number", num_keys: int = 1,
+                 num_values: int = 1, num_queries: int = 1) -> None:
+        if not 1 <= num_queries <= num_keys or num_values < 1:
+            raise ValueError("need 1 <= num_queries <= num_keys and num_values >= 1")
+        self.name = name
+        self.description = description
+        self.value_type = value_type
+        self.num_keys = num_keys
+        self.num_values = num_values
+        self.num_queries = num_queries
+
+    def _value(self, rng: random.Random) -> str:
+        if self.value_type == "number":
+            return str(rng.randint(1_000_000, 9_999_999))
+        if self.value_type == "uuid":
+            return seeded_uuid(rng)
+        return rng.choice(NOUNS)
+
+    def draw(self, rng: random.Random, depth: float | None, index: HaystackIndex) -> Needles:
+        assert depth is not None
+        kind = _PLURAL[self.value_type]
+        prefix = (f"Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
+                  f"I will quiz you about the {kind} afterwards.\n\n")
+        taken: set[str] = set()
+        keys = [draw_fresh(rng, lambda r: f"{r.choice(ADJECTIVES)}-{r.choice(NOUNS)}", index, taken,
+                           avoid=prefix) for _ in range(self.num_keys)]
+        if self.value_type == "word":  # a value word must not hide inside a key
+            taken |= {part for k in keys for part in k.split("-")}
+        values = [[draw_fresh(rng, self._value, index, taken, avoid=prefix) for _ in range(self.num_values)]
+                  for _ in keys]
+        needles = []
+        for k, (key, vals) in enumerate(zip(keys, values, strict=True)):
+            for j, value in enumerate(vals):
+                d = depth if k == 0 and j == 0 else rng.uniform(0.0, 100.0)
+                needles.append((f"One of the special magic {kind} for {key} is: {value}.", d))
+        asked = keys[: self.num_queries]
+        answers = [v for vals in values[: self.num_queries] for v in vals]
+        query = _english_list(asked)
+        if len(answers) == 1:
+            question = f"What is the special magic {self.value_type} for {query} mentioned in the provided text?"
+            answer_prefix = f"The special magic {self.value_type} for {query} mentioned in the provided text is"
+        else:
+            question = f"What are all the special magic {kind} for {query} mentioned in the provided text?"
+            answer_prefix = f"The special magic {kind} for {query} mentioned in the provided text are"
+        expected = {v: 1 for v in answers}
+        expected |= {v: 1 for vals in values for v in vals}
+        expected |= {key: self.num_values for key in keys}
+        return Needles(prefix=prefix, needles=needles, question=question, answers=answers,
+                       answer_prefix=answer_prefix, expected=expected,
+                       meta={"keys": keys, "values": values, "queried_keys": asked})
