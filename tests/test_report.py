@@ -361,7 +361,7 @@ def test_report_tables(report: str) -> None:
     best = re.search(r'<table class="best">.*?</table>', report, re.S)
     assert best is not None
     cells = re.findall(r"<tr>(.*?)</tr>", best.group(0), re.S)[1:]
-    picks = [re.findall(r"<td>(.*?)</td>", c)[:3] for c in cells]
+    picks = [re.findall(r"<td[^>]*>(.*?)</td>", c)[:3] for c in cells]
     assert picks[1] == ["Query-agnostic", "50%", "<strong>pyramidkv</strong>"]
     assert [p[2] for p in picks] == ["<strong>adakv:snapkv</strong>", "<strong>pyramidkv</strong>"] + [
         "<strong>adakv:snapkv</strong>"
@@ -426,3 +426,23 @@ def test_line_chart_drops_non_finite() -> None:
     )
     assert svg.count('<circle class="point"') == 1
     assert 'data-series="b"' not in svg
+
+
+def test_overlapping_lines_are_named(report: str) -> None:
+    fig = re.search(r'<figure class="chart" data-chart="memory-context-50pct".*?</figure>', report, re.S)
+    assert fig is not None
+    assert "<figcaption>Overlapping lines (identical values): snapkv = pyramidkv.</figcaption>" in fig.group(0)
+    fig = re.search(r'<figure class="chart" data-chart="score-aware-task-niah".*?</figure>', report, re.S)
+    assert fig is not None
+    assert "snapkv = adakv:snapkv" in fig.group(0)
+
+
+def test_formatters() -> None:
+    from kvsieve.bench.report import fmt_bytes, fmt_seconds
+
+    assert fmt_bytes(1_028_000) == "1,004 KiB"
+    assert fmt_bytes(1536) == "1.5 KiB"
+    assert fmt_bytes(512) == "512 B"
+    assert fmt_bytes(3 * 1024**3) == "3 GiB"
+    assert fmt_seconds(0.0156) == "15.6 ms"
+    assert fmt_seconds(1234.5) == "1,234 s"

@@ -98,12 +98,17 @@ def _fmt_num(x: float, digits: int = 3) -> str:
     return f"{x:,.{digits}g}" if abs(x) < 10**digits else f"{x:,.0f}"
 
 
+def _sig3(v: float) -> str:
+    """Three significant digits without falling into exponent notation for values up to 10⁶."""
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
 def fmt_bytes(b: float | None) -> str:
     """``1536`` → ``"1.5 KiB"``."""
     if b is None or not math.isfinite(b):
         return "–"
     unit, scale = _byte_unit(abs(b))
-    return f"{b / scale:.3g} {unit}" if unit != "B" else f"{b:.0f} B"
+    return f"{_sig3(b / scale)} {unit}" if unit != "B" else f"{b:.0f} B"
 
 
 def _byte_unit(b: float) -> tuple[str, float]:
@@ -118,10 +123,10 @@ def fmt_seconds(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "–"
     if s < 1e-3:
-        return f"{s * 1e6:.3g} µs"
+        return f"{_sig3(s * 1e6)} µs"
     if s < 1:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s:.3g} s"
+        return f"{_sig3(s * 1e3)} ms"
+    return f"{_sig3(s)} s"
 
 
 def fmt_ratio(r: float | None) -> str:
@@ -149,6 +154,7 @@ def _mode_title(mode: str) -> str:
 
 
 def _color_map(names: Iterable[str]) -> dict[str, str]:
+    """A colour per name: :data:`FULL_COLOR` for ``full``, the palette in order for the rest."""
     colors: dict[str, str] = {}
     i = 0
     for n in names:
@@ -160,6 +166,14 @@ def _color_map(names: Iterable[str]) -> dict[str, str]:
             colors[n] = PALETTE[i % len(PALETTE)]
             i += 1
     return colors
+
+
+def _dash_of(colors: Mapping[str, str], name: str) -> str | None:
+    """A dash pattern that tells apart names sharing a colour once the palette has wrapped around."""
+    others = [n for n in colors if n != FULL_METHOD]
+    if name not in others:
+        return None
+    return DASHES[(others.index(name) // len(PALETTE)) % len(DASHES)]
 
 
 # ============================================================================================ SVG charts
@@ -228,7 +242,11 @@ def log_ticks(lo: float, hi: float) -> list[float]:
 
 
 def _truncate(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
+    """``text`` cut to ``n`` characters with an ellipsis in the middle, so both ends stay readable."""
+    if len(text) <= n:
+        return text
+    head = (n - 1) * 2 // 5
+    return text[:head] + "…" + text[len(text) - (n - 1 - head) :]
 
 
 def _svg_open(chart_id: str, title: str, width: float, height: float) -> str:
@@ -239,9 +257,7 @@ def _svg_open(chart_id: str, title: str, width: float, height: float) -> str:
 
 
 def _titles(title: str, subtitle: str | None, left: float) -> tuple[str, float]:
-    parts = [
-        f'<text class="title" x="{left:.1f}" y="18" font-size="14" font-weight="600">{esc(title)}</text>'
-    ]
+    parts = [f'<text class="title" x="{left:.1f}" y="18" font-size="14" font-weight="600">{esc(title)}</text>']
     top = 34.0
     if subtitle:
         parts.append(f'<text class="subtitle" x="{left:.1f}" y="34" fill="#59636e">{esc(subtitle)}</text>')
@@ -264,10 +280,7 @@ def _legend(items: Sequence[tuple[str, str, str | None, str]], x: float, y: floa
                 f'<circle cx="{x + 9:.1f}" cy="{yy:.1f}" r="3" fill="{color}"/>'
             )
         label = _truncate(name, max_chars)
-        out.append(
-            f"<g><title>{esc(name)}</title>{sw}"
-            f'<text x="{x + 24:.1f}" y="{yy + 4:.1f}">{esc(label)}</text></g>'
-        )
+        out.append(f'<g><title>{esc(name)}</title>{sw}<text x="{x + 24:.1f}" y="{yy + 4:.1f}">{esc(label)}</text></g>')
     out.append("</g>")
     return "".join(out)
 
@@ -314,9 +327,7 @@ def line_chart(
     """
     ok = (lambda y: math.isfinite(y) and y > 0) if log_y else math.isfinite
     clean = [
-        Series(
-            s.name, s.color, [p for p in s.points if math.isfinite(p[0]) and ok(p[1])], s.dash, s.reference
-        )
+        Series(s.name, s.color, [p for p in s.points if math.isfinite(p[0]) and ok(p[1])], s.dash, s.reference)
         for s in series
     ]
     clean = [s for s in clean if s.points]
@@ -416,8 +427,7 @@ def line_chart(
         out.append("".join(g))
     if not clean:
         out.append(
-            f'<text x="{(left + right) / 2:.1f}" y="{cy:.1f}" text-anchor="middle" fill="#59636e">'
-            "no data</text>"
+            f'<text x="{(left + right) / 2:.1f}" y="{cy:.1f}" text-anchor="middle" fill="#59636e">no data</text>'
         )
     out.append(_legend(legend_items, right + 16, top + 8, 26))
     out.append("</svg>")
@@ -452,8 +462,14 @@ def bar_chart(
     head, top = _titles(title, subtitle, left)
     n_groups = max(len(groups), 1)
     gw = (right - left) / n_groups
-    rotate = max((len(g) for g in groups), default=0) * CHAR_W > gw - 6
-    label_room = (min(max((len(g) for g in groups), default=0), 24) * CHAR_W * 0.6 + 14) if rotate else 18
+    label_w = min(max((len(g) for g in groups), default=0), 24) * CHAR_W
+    rotate = label_w > gw - 6
+    if rotate:  # labels at -45° run down-left from their group: leave room for the first one on the left
+        reach = label_w * math.cos(math.pi / 4) + 8
+        if reach > left + gw / 2:
+            left = reach - gw / 2
+            gw = (right - left) / n_groups
+    label_room = label_w * math.sin(math.pi / 4) + 14 if rotate else 18
     plot_h = max(220.0, (len(series) + 1) * 18 + 8)
     bottom = top + plot_h
     height = bottom + label_room + 30
@@ -477,7 +493,7 @@ def bar_chart(
             ty = bottom + 14
             out.append(
                 f'<text x="{cx:.1f}" y="{ty:.1f}" text-anchor="end" '
-                f'transform="rotate(-35 {cx:.1f} {ty:.1f})">'
+                f'transform="rotate(-45 {cx:.1f} {ty:.1f})">'
                 f"<title>{esc(gname)}</title>{label}</text>"
             )
         else:
@@ -523,15 +539,35 @@ def bar_chart(
 
 
 def _axis_path(left: float, top: float, bottom: float, right: float) -> str:
-    return (
-        f'<path class="axis" d="M{left:.1f} {top:.1f}V{bottom:.1f}H{right:.1f}" '
-        'fill="none" stroke="#57606a"/>'
-    )
+    return f'<path class="axis" d="M{left:.1f} {top:.1f}V{bottom:.1f}H{right:.1f}" fill="none" stroke="#57606a"/>'
 
 
 def _figure(chart_id: str, svg: str, caption: str | None = None) -> str:
     cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
     return f'<figure class="chart" data-chart="{esc(chart_id)}">{svg}{cap}</figure>'
+
+
+def overlap_note(series: Sequence[Series]) -> str | None:
+    """A sentence naming series whose points coincide exactly (so that one line hides the others)."""
+    groups: dict[tuple[tuple[float, float], ...], list[str]] = defaultdict(list)
+    for s in series:
+        pts = tuple(sorted((round(x, 9), round(y, 6)) for x, y, _ in s.points if math.isfinite(x) and math.isfinite(y)))
+        if pts and not s.reference:
+            groups[pts].append(s.name)
+    same = [names for names in groups.values() if len(names) > 1]
+    if not same:
+        return None
+
+    def join(names: list[str]) -> str:
+        return " = ".join(names) if len(names) <= 4 else " = ".join(names[:3]) + f" and {len(names) - 3} more"
+
+    return "Overlapping lines (identical values): " + "; ".join(join(names) for names in same) + "."
+
+
+def _line_figure(chart_id: str, title: str, series: Sequence[Series], caption: str | None = None, **kw: Any) -> str:
+    """A chart figure holding :func:`line_chart`, captioned with ``caption`` and any :func:`overlap_note`."""
+    notes = " ".join(n for n in (caption, overlap_note(series)) if n)
+    return _figure(chart_id, line_chart(chart_id, title, series, **kw), notes or None)
 
 
 # ============================================================================================ HTML pieces
@@ -540,17 +576,24 @@ def html_table(
     rows: Iterable[Sequence[Any]],
     *,
     cls: str = "",
+    align: str = "",
     cell_attrs: Callable[[int, int], str] | None = None,
 ) -> str:
     """A ``<table>``; cells are escaped unless they are :class:`Html`.
 
-    ``cell_attrs(row, col)``, when given, returns extra attributes for each ``<td>``.
+    ``align`` gives one letter per column, ``l`` (left) or ``r`` (right); by default the first column is
+    left-aligned and the others right-aligned. ``cell_attrs(row, col)`` returns extra ``<td>`` attributes.
     """
-    head = "".join(f"<th>{_cell(h)}</th>" for h in headers)
+
+    def cls_of(j: int) -> str:
+        a = align[j] if j < len(align) else ("l" if j == 0 else "r")
+        return ' class="l"' if a == "l" else ' class="r"'
+
+    head = "".join(f"<th{cls_of(j)}>{_cell(h)}</th>" for j, h in enumerate(headers))
     body: list[str] = []
     for i, row in enumerate(rows):
         cells = "".join(
-            f"<td{(' ' + cell_attrs(i, j)) if cell_attrs else ''}>{_cell(c)}</td>" for j, c in enumerate(row)
+            f"<td{cls_of(j)}{(' ' + cell_attrs(i, j)) if cell_attrs else ''}>{_cell(c)}</td>" for j, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
     cls_attr = f' class="{esc(cls)}"' if cls else ""
@@ -566,9 +609,7 @@ def _heat(score: float) -> str:
     return f"background:hsl(212,80%,{97 - 24 * s:.0f}%)"
 
 
-def _score_table(
-    scores: Mapping[tuple[str, str, float], tuple[float, int]], mode: str, methods: Sequence[str]
-) -> str:
+def _score_table(scores: Mapping[tuple[str, str, float], tuple[float, int]], mode: str, methods: Sequence[str]) -> str:
     comps = sorted({c for (md, _m, c) in scores if md == mode})
     present = [m for m in methods if any(md == mode and mm == m for (md, mm, _c) in scores)]
     headers = ["method", *[format_compression(c) for c in comps]]
@@ -581,10 +622,7 @@ def _score_table(
                 row.append(Html('<span class="na">–</span>'))
             else:
                 row.append(
-                    Html(
-                        f'<span style="{_heat(v[0])}" class="heat" title="n = {v[1]}">'
-                        f"{_score100(v[0])}</span>"
-                    )
+                    Html(f'<span style="{_heat(v[0])}" class="heat" title="n = {v[1]}">{_score100(v[0])}</span>')
                 )
         body.append(row)
     return html_table(headers, body, cls="scores")
@@ -597,6 +635,9 @@ def _meta_value(config: Mapping[str, Any] | None, *keys: str) -> Any:
         if config.get(k) not in (None, "", []):
             return config[k]
     return None
+
+
+_COMMAND_KEYS = ("command", "command_line", "cmdline", "argv")
 
 
 def _command_text(cmd: Any) -> str | None:
@@ -629,11 +670,8 @@ def _header(rows: Sequence[Row], config: Mapping[str, Any] | None, run_dir: Path
     else:
         date = _meta_value(config, "date", "timestamp", "started", "started_at") or "–"
     versions = _versions(rows, config)
-    ver_html = (
-        " ".join(f'<span class="pill">{esc(k)} {esc(" / ".join(v))}</span>' for k, v in versions.items())
-        or "–"
-    )
-    command = _command_text(_meta_value(config, "command", "command_line", "cmdline", "argv"))
+    ver_html = " ".join(f'<span class="pill">{esc(k)} {esc(" / ".join(v))}</span>' for k, v in versions.items()) or "–"
+    command = _command_text(_meta_value(config, *_COMMAND_KEYS))
     runs = list(dict.fromkeys(str(r["run_id"]) for r in rows if r.get("run_id")))
     items = [
         ("Model", esc(model)),
@@ -645,10 +683,7 @@ def _header(rows: Sequence[Row], config: Mapping[str, Any] | None, run_dir: Path
         ("Rows", esc(f"{len(rows):,}")),
     ]
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
-    return (
-        f'<header><h1>kvsieve report <span class="model">{esc(model)}</span></h1>'
-        f'<dl class="meta">{dl}</dl></header>'
-    )
+    return f'<header><h1>kvsieve report <span class="model">{esc(model)}</span></h1><dl class="meta">{dl}</dl></header>'
 
 
 def _section(sid: str, title: str, body: str, intro: str | None = None) -> str:
@@ -678,7 +713,7 @@ def _score_series(
             if md == mode and mm == m
         ]
         if pts:
-            out.append(Series(m, colors[m], pts))
+            out.append(Series(m, colors[m], pts, dash=_dash_of(colors, m)))
     return out
 
 
@@ -691,13 +726,20 @@ def _scores_section(rows: Sequence[Row], colors: Mapping[str, str]) -> str:
     tables: list[str] = []
     charts: list[str] = []
     task_tables: list[str] = []
-    for mode in modes_in_order(rows):
+    scored_modes = [mode for mode in modes_in_order(rows) if any(md == mode for (md, _m, _c) in scores)]
+    if not scored_modes:
+        msg = (
+            f'<p class="empty"><strong>No scores.</strong> All {len(rows):,} rows lack a finite score, '
+            "so there is nothing to summarise or plot.</p>"
+        )
+        return _section("summary", "Summary", msg)
+    for mode in scored_modes:
         title = _mode_title(mode)
         tables.append(f"<h3>{esc(title)}</h3>{_score_table(scores, mode, methods)}")
         figs: list[str] = []
         cid = f"score-{slug(mode)}-all"
         n_samples = sum(v[1] for (md, m, _c), v in scores.items() if md == mode and m != FULL_METHOD)
-        svg = line_chart(
+        fig = _line_figure(
             cid,
             "All tasks",
             _score_series(scores, mode, methods, colors, "all tasks"),
@@ -709,13 +751,13 @@ def _scores_section(rows: Sequence[Row], colors: Mapping[str, str]) -> str:
             y_domain=(0.0, 100.0),
             subtitle=f"{title} · mean over tasks · {n_samples:,} scored rows",
         )
-        figs.append(_figure(cid, svg))
+        figs.append(fig)
         for task in tasks_in_order(rows):
             tscores = {(md, m, c): v for (t, md, m, c), v in by_task.items() if t == task}
             if not any(md == mode for (md, _m, _c) in tscores):
                 continue
             cid = f"score-{slug(mode)}-task-{slug(task)}"
-            svg = line_chart(
+            fig = _line_figure(
                 cid,
                 task,
                 _score_series(tscores, mode, methods, colors, task),
@@ -727,7 +769,7 @@ def _scores_section(rows: Sequence[Row], colors: Mapping[str, str]) -> str:
                 y_domain=(0.0, 100.0),
                 subtitle=title,
             )
-            figs.append(_figure(cid, svg))
+            figs.append(fig)
         charts.append(f'<h3>{esc(title)}</h3><div class="charts">{"".join(figs)}</div>')
         per_task = "".join(
             f"<h4>{esc(task)}</h4>"
@@ -759,9 +801,7 @@ def _scores_section(rows: Sequence[Row], colors: Mapping[str, str]) -> str:
 def _best_section(rows: Sequence[Row]) -> str:
     best = best_method_per_budget(rows)
     if not best:
-        return _section(
-            "best", "Best method per budget", '<p class="empty">No compressed methods in the results.</p>'
-        )
+        return _section("best", "Best method per budget", '<p class="empty">No compressed methods in the results.</p>')
     body = [
         [
             _mode_title(b.mode),
@@ -779,6 +819,7 @@ def _best_section(rows: Sequence[Row]) -> str:
         ["mode", "compression", "best method", "score", "full", "Δ vs full", "runner-up", "runner-up score"],
         body,
         cls="best",
+        align="lrlrrrlr",
     )
     return _section("best", "Best method per budget", table, "Highest mean score ×100 at each compression.")
 
@@ -838,23 +879,20 @@ def _memory_section(rows: Sequence[Row], memory_rows: Sequence[Row], colors: Map
                     )
                     for x, b in points[key]
                 ]
-                series.append(Series(m, colors[m], pts, dash="5 4" if m == FULL_METHOD and c > 0 else None))
+                dash = "5 4" if m == FULL_METHOD else _dash_of(colors, m)
+                series.append(Series(m, colors[m], pts, dash=dash))
             cid = f"memory-context-{slug(format_compression(c).replace('%', 'pct'))}"
             figs.append(
-                _figure(
+                _line_figure(
                     cid,
-                    line_chart(
-                        cid,
-                        f"KV cache at {format_compression(c)} compression",
-                        series,
-                        x_label="context length (tokens)",
-                        y_label=f"KV cache ({unit})",
-                        x_fmt=fmt_tokens,
-                        y_fmt=lambda t: _fmt_num(t),
-                        x_zero=True,
-                        y_zero=True,
-                        subtitle="mean bytes of K and V held after prefill",
-                    ),
+                    f"KV cache at {format_compression(c)} compression",
+                    series,
+                    x_label="context length (tokens)",
+                    y_label=f"KV cache ({unit})",
+                    x_fmt=fmt_tokens,
+                    x_zero=True,
+                    y_zero=True,
+                    subtitle="mean bytes of K and V held after prefill",
                 )
             )
         parts.append(f'<div class="charts">{"".join(figs)}</div>')
@@ -866,8 +904,7 @@ def _memory_section(rows: Sequence[Row], memory_rows: Sequence[Row], colors: Map
         "memory",
         "Memory",
         "".join(parts),
-        "Bytes of the K and V tensors held after prefill, per method and compression, "
-        "against context length.",
+        "Bytes of the K and V tensors held after prefill, per method and compression, against context length.",
     )
 
 
@@ -883,10 +920,7 @@ def _measured_memory(memory_rows: Sequence[Row], colors: Mapping[str, str]) -> s
         ("peak_rss_bytes", "memory-measured-rss", "Peak resident memory"),
     ):
         vals = [
-            float(r[field_name])
-            for rs in by_series.values()
-            for r in rs
-            if isinstance(r.get(field_name), int | float)
+            float(r[field_name]) for rs in by_series.values() for r in rs if isinstance(r.get(field_name), int | float)
         ]
         if not vals:
             continue
@@ -901,26 +935,22 @@ def _measured_memory(memory_rows: Sequence[Row], colors: Mapping[str, str]) -> s
                     f"{name}: {fmt_bytes(float(r[field_name]))} at {float(r['context_tokens']):,.0f} tokens",
                 )
                 for r in rs
-                if isinstance(r.get(field_name), int | float)
-                and isinstance(r.get("context_tokens"), int | float)
+                if isinstance(r.get(field_name), int | float) and isinstance(r.get("context_tokens"), int | float)
             ]
             color = colors.get(method, PALETTE[i % len(PALETTE)])
             same_method = [n for n in by_series if n.split(" · ")[0] == method]
             series.append(Series(name, color, pts, dash=DASHES[same_method.index(name) % len(DASHES)]))
         figs.append(
-            _figure(
+            _line_figure(
                 cid,
-                line_chart(
-                    cid,
-                    title,
-                    series,
-                    x_label="context length (tokens)",
-                    y_label=f"KV cache ({unit})" if field_name == "kv_bytes" else f"peak RSS ({unit})",
-                    x_fmt=fmt_tokens,
-                    x_zero=True,
-                    y_zero=True,
-                    subtitle="from memory.jsonl",
-                ),
+                title,
+                series,
+                x_label="context length (tokens)",
+                y_label=f"KV cache ({unit})" if field_name == "kv_bytes" else f"peak RSS ({unit})",
+                x_fmt=fmt_tokens,
+                x_zero=True,
+                y_zero=True,
+                subtitle="from memory.jsonl",
             )
         )
     return f'<h3>Measured memory</h3><div class="charts">{"".join(figs)}</div>' if figs else ""
@@ -971,8 +1001,7 @@ def _speed_section(rows: Sequence[Row], colors: Mapping[str, str]) -> str:
                     "#4e79a7",
                     [s.prefill_ratio for s in compressed],
                     [
-                        f"{s.method} prefill: {fmt_ratio(s.prefill_ratio)} of full "
-                        f"({fmt_seconds(s.prefill_seconds)})"
+                        f"{s.method} prefill: {fmt_ratio(s.prefill_ratio)} of full ({fmt_seconds(s.prefill_seconds)})"
                         for s in compressed
                     ],
                 ),
@@ -1038,26 +1067,24 @@ def _streaming_section(stream_rows: Sequence[Row], colors: Mapping[str, str]) ->
         )
     ys = [p[1] for s in series for p in s.points]
     log_y = bool(ys) and max(ys) / min(ys) > 10
-    svg = line_chart(
+    caption = f"{dropped} bucket(s) with a non-finite perplexity left out." if dropped else None
+    fig = _line_figure(
         "streaming",
         "Perplexity per 1k-token bucket",
         series,
         x_label="position in stream (tokens)",
         y_label="perplexity" + (" (log scale)" if log_y else ""),
+        caption=caption,
         x_fmt=fmt_tokens,
-        y_fmt=lambda t: _fmt_num(t),
         x_zero=True,
         log_y=log_y,
         subtitle="full past the model's window shows where an unbounded cache fails",
     )
-    caption = f"{dropped} bucket(s) with a non-finite perplexity left out." if dropped else None
-    table = html_table(
-        ["series", "buckets", "mean ppl", "max ppl", "KV tokens (last)"], table_rows, cls="streaming"
-    )
+    table = html_table(["series", "buckets", "mean ppl", "max ppl", "KV tokens (last)"], table_rows, cls="streaming")
     return _section(
         "streaming",
         "Streaming perplexity",
-        f'<div class="charts">{_figure("streaming", svg, caption)}</div>{table}',
+        f'<div class="charts">{fig}</div>{table}',
     )
 
 
@@ -1085,8 +1112,11 @@ def _config_value(v: Any) -> Html:
 def _config_section(config: Mapping[str, Any] | None) -> str:
     if not config:
         return ""
-    rows = [[k, _config_value(v)] for k, v in _flatten(config)]
-    return _section("config", "Run configuration", html_table(["key", "value"], rows, cls="config"))
+    rows = [
+        [k, Html(f"<code>{esc(_command_text(v))}</code>") if k in _COMMAND_KEYS else _config_value(v)]
+        for k, v in _flatten(config)
+    ]
+    return _section("config", "Run configuration", html_table(["key", "value"], rows, cls="config", align="ll"))
 
 
 def _details_section(rows: Sequence[Row]) -> str:
@@ -1156,10 +1186,10 @@ def _details_section(rows: Sequence[Row]) -> str:
         ],
         body,
         cls="details",
+        align="llrrrrlrrrrrrll",
     )
     more = (
-        f'<p class="note">Showing the first {MAX_DETAIL_ROWS:,} of {len(rows):,} rows; '
-        f"see {esc(RESULTS_FILE)}.</p>"
+        f'<p class="note">Showing the first {MAX_DETAIL_ROWS:,} of {len(rows):,} rows; see {esc(RESULTS_FILE)}.</p>'
         if len(rows) > MAX_DETAIL_ROWS
         else ""
     )
@@ -1199,12 +1229,13 @@ code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",m
 .table-wrap{overflow-x:auto;margin:.3rem 0 1rem}
 table{border-collapse:collapse;font-size:.88rem;font-variant-numeric:tabular-nums}
 th,td{padding:.32rem .7rem;border-bottom:1px solid var(--border);text-align:right;white-space:nowrap}
-th:first-child,td:first-child{text-align:left}
+th.l,td.l{text-align:left}
 thead th{background:var(--soft);font-weight:600;position:sticky;top:0}
 tbody tr:hover td{background:#f3f6fa}
 table.scores td .heat{display:inline-block;min-width:3.2em;padding:.05rem .35rem;border-radius:4px}
-table.config td,table.details td{text-align:left;white-space:normal;max-width:48rem}
+table.config td,table.details td.l{white-space:normal;max-width:48rem}
 table.details td{font-size:.82rem}
+table.details td:nth-last-child(-n+2){min-width:16rem}
 .na{color:#8c959f}
 .swatch{display:none}
 .charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:16px}
@@ -1242,7 +1273,9 @@ def render_report(
     if rows:
         scores_html = _scores_section(rows, colors)
         sections.append(scores_html)
-        toc += [("summary", "Summary"), ("curves", "Score vs compression")]
+        toc.append(("summary", "Summary"))
+        if 'id="curves"' in scores_html:
+            toc.append(("curves", "Score vs compression"))
         best_html = _best_section(rows)
         sections.append(best_html)
         toc.append(("best", "Best per budget"))

@@ -68,9 +68,7 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 bad.append(lineno)
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (" …" if len(bad) > 10 else "")
-        warnings.warn(
-            f"{p}: skipped {len(bad)} line(s) that are not JSON objects (line {shown})", stacklevel=2
-        )
+        warnings.warn(f"{p}: skipped {len(bad)} line(s) that are not JSON objects (line {shown})", stacklevel=2)
     return rows
 
 
@@ -216,11 +214,7 @@ def best_method_per_budget(rows: Sequence[Row]) -> list[BestMethod]:
         ref = full_reference(scores, mode)
         for c in compressions_in_order(rows):
             cands = sorted(
-                (
-                    (v[0], v[1], m)
-                    for (md, m, cc), v in scores.items()
-                    if md == mode and cc == c and m != FULL_METHOD
-                ),
+                ((v[0], v[1], m) for (md, m, cc), v in scores.items() if md == mode and cc == c and m != FULL_METHOD),
                 key=lambda t: (-t[0], t[2]),
             )
             if not cands:
@@ -360,9 +354,7 @@ def memory_table(rows: Sequence[Row]) -> list[MemoryRow]:
             if not g:
                 continue
             kv = [float(r["kv_bytes"]) for r in g]
-            both = [
-                (float(r["kv_bytes"]), f) for r in g if (f := _finite(r.get("kv_bytes_full"))) is not None
-            ]
+            both = [(float(r["kv_bytes"]), f) for r in g if (f := _finite(r.get("kv_bytes_full"))) is not None]
             full_mean = math.fsum(f for _, f in both) / len(both) if both else None
             ratio = _ratio(math.fsum(k for k, _ in both) / len(both), full_mean) if both else None
             toks = [t for r in g if (t := _finite(r.get("kv_tokens"))) is not None]

@@ -32,8 +32,10 @@ class CommonWordsTask(Task):
     max_new_tokens = 120
     default_haystack = None
     uses_depth = False
-    prefix = ("Below is a numbered list of words. In these words, some appear more often than others. "
-              "Memorize the ones that appear most often.\n\n")
+    prefix = (
+        "Below is a numbered list of words. In these words, some appear more often than others. "
+        "Memorize the ones that appear most often.\n\n"
+    )
 
     def __init__(self, num_cw: int = 10, freq_cw: int = 30, freq_ucw: int = 3) -> None:
         if num_cw < 1 or freq_ucw < 1 or freq_cw <= freq_ucw:
@@ -44,8 +46,9 @@ class CommonWordsTask(Task):
         self.question = f"Question: What are the {num_cw} most common words in the above list?"
         self.answer_prefix = f"Answer: The top {num_cw} words that appear most often in the list are:"
 
-    def _generate_one(self, tokenizer: Any, length: int, seed: int, index: int, depth: float | None,
-                      haystack: str | None) -> Sample:
+    def _generate_one(
+        self, tokenizer: Any, length: int, seed: int, index: int, depth: float | None, haystack: str | None
+    ) -> Sample:
         rng = sample_rng(self.name, seed, index)
         templates = (self.prefix + self.question + self.answer_prefix).lower()
         vocab = [w for w in cwe_vocabulary() if w not in templates]
@@ -63,8 +66,10 @@ class CommonWordsTask(Task):
 
         # Size the list: tokens per entry from a probe of 100 entries.
         base = count_tokens(tokenizer, render([]) + self.question)
-        per_entry = max(1.0, (count_tokens(tokenizer, render(pool[:100])) - count_tokens(tokenizer, render([])))
-                        / min(100, len(pool)))
+        per_entry = max(
+            1.0,
+            (count_tokens(tokenizer, render(pool[:100])) - count_tokens(tokenizer, render([]))) / min(100, len(pool)),
+        )
         n_entries = max(1.0, (length - base) / per_entry)
         freq_ucw = max(self.freq_ucw, math.ceil(0.7 * n_entries / len(pool)))
         freq_cw = max(freq_ucw + 2, min(max(self.freq_cw, 3 * freq_ucw), round(0.3 * n_entries / self.num_cw)))
@@ -86,11 +91,25 @@ class CommonWordsTask(Task):
         expected = {w: freq_cw for w in common}
         if any(count_occurrences(context, w) != c for w, c in expected.items()):
             raise TaskError(f"{self.name}: a common word occurs an unexpected number of times")
-        meta = {"expected_occurrences": expected, "freq_cw": freq_cw, "freq_ucw": freq_ucw,
-                "num_entries": freq_cw * self.num_cw + u, "num_uncommon_words": math.ceil(u / freq_ucw)}
-        return self._sample(context=context, question=self.question, answers=list(common),
-                            answer_prefix=self.answer_prefix, length=length, n_tokens=n_tokens, depth=None,
-                            seed=seed, index=index, meta=meta)
+        meta = {
+            "expected_occurrences": expected,
+            "freq_cw": freq_cw,
+            "freq_ucw": freq_ucw,
+            "num_entries": freq_cw * self.num_cw + u,
+            "num_uncommon_words": math.ceil(u / freq_ucw),
+        }
+        return self._sample(
+            context=context,
+            question=self.question,
+            answers=list(common),
+            answer_prefix=self.answer_prefix,
+            length=length,
+            n_tokens=n_tokens,
+            depth=None,
+            seed=seed,
+            index=index,
+            meta=meta,
+        )
 
 
 _CONSONANTS = "bdfgklmnprstvz"
@@ -124,18 +143,23 @@ class FrequentWordsTask(Task):
     max_new_tokens = 50
     default_haystack = None
     uses_depth = False
-    prefix = ("Read the following coded text and track the frequency of each coded word. "
-              "Find the three most frequently appeared coded words.\n\n")
-    question = ("Question: Do not provide any explanation. "
-                "What are the three most frequently appeared words in the above coded text?")
+    prefix = (
+        "Read the following coded text and track the frequency of each coded word. "
+        "Find the three most frequently appeared coded words.\n\n"
+    )
+    question = (
+        "Question: Do not provide any explanation. "
+        "What are the three most frequently appeared words in the above coded text?"
+    )
     answer_prefix = "Answer: According to the coded text above, the three most frequently appeared words are:"
 
     def __init__(self, alpha: float = 2.0, top: int = 3) -> None:
         self.alpha = alpha
         self.top = top
 
-    def _generate_one(self, tokenizer: Any, length: int, seed: int, index: int, depth: float | None,
-                      haystack: str | None) -> Sample:
+    def _generate_one(
+        self, tokenizer: Any, length: int, seed: int, index: int, depth: float | None, haystack: str | None
+    ) -> Sample:
         rng = sample_rng(self.name, seed, index)
         templates = (self.prefix + self.question + self.answer_prefix).lower()
         pool: list[str] = []
@@ -160,8 +184,13 @@ class FrequentWordsTask(Task):
 
         base = count_tokens(tokenizer, render(0) + self.question)
         per_word = max(1.0, (count_tokens(tokenizer, " ".join(pool[:50])) + 1) / 50)
-        n, n_tokens = fit_length(lambda x: count_tokens(tokenizer, render(x) + self.question), length,
-                                 x0=max(1, round((length - base) / per_word)), slope=per_word, lo=1)
+        n, n_tokens = fit_length(
+            lambda x: count_tokens(tokenizer, render(x) + self.question),
+            length,
+            x0=max(1, round((length - base) / per_word)),
+            slope=per_word,
+            lo=1,
+        )
         counts = zipf_counts(n, self.alpha)
         if len(counts) <= self.top or counts[self.top - 1] <= counts[self.top]:
             raise TaskError(f"{self.name}: length {length} is too short for a clear top {self.top}")
@@ -170,8 +199,16 @@ class FrequentWordsTask(Task):
         expected = {w: c for w, c in zip(answers, counts, strict=False)}
         if any(count_occurrences(context, w) != c for w, c in expected.items()):
             raise TaskError(f"{self.name}: a coded word occurs an unexpected number of times")
-        meta = {"expected_occurrences": expected, "num_words": n, "counts": counts[: self.top + 2],
-                "alpha": self.alpha}
-        return self._sample(context=context, question=self.question, answers=answers,
-                            answer_prefix=self.answer_prefix, length=length, n_tokens=n_tokens, depth=None,
-                            seed=seed, index=index, meta=meta)
+        meta = {"expected_occurrences": expected, "num_words": n, "counts": counts[: self.top + 2], "alpha": self.alpha}
+        return self._sample(
+            context=context,
+            question=self.question,
+            answers=answers,
+            answer_prefix=self.answer_prefix,
+            length=length,
+            n_tokens=n_tokens,
+            depth=None,
+            seed=seed,
+            index=index,
+            meta=meta,
+        )

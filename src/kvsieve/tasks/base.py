@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import random
 from abc import ABC, abstractmethod
@@ -75,7 +76,7 @@ class Sample:
 
 def count_tokens(tokenizer: Any, text: str) -> int:
     """Tokens of ``text`` under ``tokenizer`` with ``add_special_tokens=False``."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def count_occurrences(text: str, needle: str) -> int:
@@ -91,8 +92,9 @@ def string_match_all(prediction: str, answers: Sequence[str]) -> float:
     return sum(a.lower() in pred for a in answers) / len(answers)
 
 
-def fit_length(measure: Callable[[int], int], target: int, x0: int, slope: float = 1.0, lo: int = 0,
-               max_iter: int = 16) -> tuple[int, int]:
+def fit_length(
+    measure: Callable[[int], int], target: int, x0: int, slope: float = 1.0, lo: int = 0, max_iter: int = 16
+) -> tuple[int, int]:
     """Find the knob ``x >= lo`` whose ``measure(x)`` (a token count, rising with ``x``) is nearest ``target``.
 
     Newton/secant steps from ``x0`` with ``slope`` tokens per unit of ``x`` as the first guess; every probe
@@ -143,8 +145,15 @@ class Task(ABC):
     uses_depth: ClassVar[bool] = True
     """Whether ``depth`` means anything (needle tasks); others ignore it and report ``depth=None``."""
 
-    def generate(self, tokenizer: Any, length: int, n: int, seed: int, depth: float | None = None,
-                 haystack: str = DEFAULT_HAYSTACK) -> list[Sample]:
+    def generate(
+        self,
+        tokenizer: Any,
+        length: int,
+        n: int,
+        seed: int,
+        depth: float | None = None,
+        haystack: str = DEFAULT_HAYSTACK,
+    ) -> list[Sample]:
         """Generate ``n`` samples of about ``length`` tokens (``context + question``, within 1%).
 
         Args:
@@ -156,7 +165,7 @@ class Task(ABC):
                 spreads the samples evenly, sample ``i`` at ``100 * i / (n - 1)`` (50 when ``n == 1``).
                 Ignored, and reported as ``None``, by tasks without a needle.
             haystack: ``"pydoc"``, ``"licenses"``, ``"noise"``, or ``"<default>"`` for the task's own. Tasks
-                that build their own filler (``common_words``, ``frequent_words``) ignore it.
+                that build their own filler (``common_words``, ``frequent_words``) check the name, then ignore it.
         """
         if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
             raise TaskError(f"length must be a positive number of tokens, got {length!r}")
@@ -164,9 +173,11 @@ class Task(ABC):
             raise TaskError(f"n must be a non-negative integer, got {n!r}")
         if depth is not None and not 0 <= depth <= 100:
             raise TaskError(f"depth is a percentage in [0, 100], got {depth!r}")
-        hay: str | None = None
-        if self.default_haystack is not None:
-            hay = self.default_haystack if haystack in (DEFAULT_HAYSTACK, None) else canonical_haystack(haystack)
+        hay = None if haystack in (DEFAULT_HAYSTACK, None) else canonical_haystack(haystack)  # typos fail early
+        if self.default_haystack is None:
+            hay = None
+        elif hay is None:
+            hay = self.default_haystack
         samples = []
         for i in range(n):
             d: float | None = None
@@ -176,8 +187,9 @@ class Task(ABC):
         return samples
 
     @abstractmethod
-    def _generate_one(self, tokenizer: Any, length: int, seed: int, index: int, depth: float | None,
-                      haystack: str | None) -> Sample:
+    def _generate_one(
+        self, tokenizer: Any, length: int, seed: int, index: int, depth: float | None, haystack: str | None
+    ) -> Sample:
         """Sample ``index`` of the given seed."""
 
     def score(self, sample: Sample, prediction: str) -> float:
@@ -187,16 +199,39 @@ class Task(ABC):
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
 
-    def _sample(self, *, context: str, question: str, answers: list[str], answer_prefix: str, length: int,
-                n_tokens: int, depth: float | None, seed: int, index: int, meta: dict[str, Any]) -> Sample:
+    def _sample(
+        self,
+        *,
+        context: str,
+        question: str,
+        answers: list[str],
+        answer_prefix: str,
+        length: int,
+        n_tokens: int,
+        depth: float | None,
+        seed: int,
+        index: int,
+        meta: dict[str, Any],
+    ) -> Sample:
         if abs(n_tokens - length) > max(1, LENGTH_TOLERANCE * length):
             raise TaskError(
                 f"{self.name}: could only reach {n_tokens} tokens for a target of {length} "
                 f"(too short for the task's fixed text?)"
             )
-        return Sample(task=self.name, context=context, question=question, answers=answers,
-                      answer_prefix=answer_prefix, max_new_tokens=self.max_new_tokens, length=length,
-                      n_tokens=n_tokens, depth=depth, seed=seed, index=index, meta=meta)
+        return Sample(
+            task=self.name,
+            context=context,
+            question=question,
+            answers=answers,
+            answer_prefix=answer_prefix,
+            max_new_tokens=self.max_new_tokens,
+            length=length,
+            n_tokens=n_tokens,
+            depth=depth,
+            seed=seed,
+            index=index,
+            meta=meta,
+        )
 
 
 @dataclass
@@ -218,33 +253,30 @@ class Needles:
 def place_needles(body: str, needles: Sequence[tuple[str, float]]) -> tuple[str, list[int]]:
     """Insert each needle sentence at the sentence boundary nearest its depth (percent of ``body``'s chars).
 
-    Returns the text and the char offset of every needle (in the order given).
+    A needle at a paragraph start becomes a paragraph of its own; needles sharing a boundary keep their
+    depth order. Returns the text and the char offset of every needle (in the order given).
     """
     points = insertion_points(body)
     placed = []
     for order, (sentence, depth) in enumerate(needles):
         goal = depth / 100.0 * len(body)
-        pos = min(points, key=lambda p: (abs(p - goal), p))
+        i = bisect.bisect_left(points, goal)
+        pos = min(points[max(0, i - 1) : i + 1], key=lambda p: (abs(p - goal), p))
         placed.append((pos, depth, order, sentence))
     placed.sort()
-    out: list[str] = []
-    size, last = 0, 0
+    text, last = "", 0
     offsets = [0] * len(needles)
     for pos, _, order, sentence in placed:
-        out.append(body[last:pos])
-        size += pos - last
+        text += body[last:pos]
         last = pos
-        if size and not out[-1][-1:].isspace():
-            out.append(" ")
-            size += 1
-        offsets[order] = size
-        out.append(sentence)
-        size += len(sentence)
+        if text and not text[-1].isspace():
+            text += " "
+        offsets[order] = len(text)
+        text += sentence
         if pos < len(body):
-            out.append(" ")
-            size += 1
-    out.append(body[last:])
-    return "".join(out), offsets
+            gap = body[:pos][len(body[:pos].rstrip()) :]
+            text += gap if "\n" in gap else " "
+    return text + body[last:], offsets
 
 
 class HaystackTask(Task):
@@ -256,8 +288,9 @@ class HaystackTask(Task):
     def draw(self, rng: random.Random, depth: float | None, index: HaystackIndex) -> Needles:
         """Draw the needles, question and answers; avoid strings that ``index.contains``."""
 
-    def _generate_one(self, tokenizer: Any, length: int, seed: int, index: int, depth: float | None,
-                      haystack: str | None) -> Sample:
+    def _generate_one(
+        self, tokenizer: Any, length: int, seed: int, index: int, depth: float | None, haystack: str | None
+    ) -> Sample:
         assert haystack is not None
         rng = sample_rng(self.name, seed, index)
         hay = haystack_index(tokenizer, haystack)
@@ -289,9 +322,18 @@ class HaystackTask(Task):
             "needle_offsets": offsets,
             **spec.meta,
         }
-        return self._sample(context=context, question=spec.question, answers=spec.answers,
-                            answer_prefix=spec.answer_prefix, length=length, n_tokens=n_tokens, depth=depth,
-                            seed=seed, index=index, meta=meta)
+        return self._sample(
+            context=context,
+            question=spec.question,
+            answers=spec.answers,
+            answer_prefix=spec.answer_prefix,
+            length=length,
+            n_tokens=n_tokens,
+            depth=depth,
+            seed=seed,
+            index=index,
+            meta=meta,
+        )
 
 
 def _verify(context: str, spec: Needles) -> bool:
@@ -302,8 +344,14 @@ def _verify(context: str, spec: Needles) -> bool:
     return not any(a.lower() in given for a in spec.answers)
 
 
-def draw_fresh(rng: random.Random, make: Callable[[random.Random], str], index: HaystackIndex | None,
-               taken: set[str], avoid: str = "", tries: int = 1000) -> str:
+def draw_fresh(
+    rng: random.Random,
+    make: Callable[[random.Random], str],
+    index: HaystackIndex | None,
+    taken: set[str],
+    avoid: str = "",
+    tries: int = 1000,
+) -> str:
     """Draw ``make(rng)`` until the value is new, absent from the haystack and from ``avoid`` text."""
     avoid = avoid.lower()
     for _ in range(tries):

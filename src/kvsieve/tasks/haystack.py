@@ -34,6 +34,8 @@ __all__ = [
     "NOISE",
     "HaystackIndex",
     "HaystackNotFoundError",
+    "UnknownHaystackError",
+    "canonical_haystack",
     "haystack_index",
     "insertion_points",
     "load_haystack",
@@ -44,12 +46,19 @@ LICENSES_DIR = Path("/usr/share/common-licenses")
 
 # Start of a sentence (after . ! or ? and whitespace, before a capital, digit or quote) or of a paragraph
 # (after a blank line).
-_BOUNDARY = re.compile(r"(?:(?<=[.!?])\s+(?=[A-Z0-9\"'(]))|(?:\n[ \t]*\n\s*)")
+_BOUNDARY = re.compile(r"(?<=[.!?])(?:[ \t]+|[ \t]*\n[ \t]*)(?=[A-Z0-9\"'(])|\n[ \t]*\n\s*(?=[A-Z])")
 _RULE_LINE = re.compile(r"^[ \t]*([*=\-~^#])\1{3,}[ \t]*$", re.MULTILINE)
 
 
 class HaystackNotFoundError(KVSieveError, FileNotFoundError):
     """A haystack whose source text is not on this machine."""
+
+
+class UnknownHaystackError(KVSieveError, KeyError):
+    """A haystack name that is not in :data:`HAYSTACKS`."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def _noise() -> str:
@@ -99,7 +108,7 @@ def canonical_haystack(name: str) -> str:
     """The registered name for ``name`` (accepts a few aliases); a clear error for an unknown one."""
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in HAYSTACKS:
-        raise HaystackNotFoundError(f"unknown haystack {name!r}; valid: {', '.join(sorted(HAYSTACKS))}")
+        raise UnknownHaystackError(f"unknown haystack {name!r}; valid: {', '.join(sorted(HAYSTACKS))}")
     return key
 
 
@@ -158,6 +167,27 @@ class HaystackIndex:
 _INDEX_CACHE: dict[tuple[int, str], tuple[Any, HaystackIndex]] = {}
 
 
+def _chunks(text: str, size: int = 8000) -> list[tuple[int, int]]:
+    """Spans of about ``size`` chars ending at paragraph (else sentence, else word) breaks.
+
+    Tokenizing in pieces keeps every call under the model's length limit (and its warning quiet).
+    """
+    spans, pos = [], 0
+    while pos < len(text):
+        end = len(text)
+        if pos + size < len(text):
+            for sep in ("\n\n", ". ", " "):
+                cut = text.find(sep, pos + size, pos + 4 * size)
+                if cut >= 0:
+                    end = cut + len(sep)
+                    break
+            else:
+                end = pos + size
+        spans.append((pos, end))
+        pos = end
+    return spans
+
+
 def haystack_index(tokenizer: Any, name: str) -> HaystackIndex:
     """The haystack ``name`` tokenized by ``tokenizer`` (cached per tokenizer object)."""
     name = canonical_haystack(name)
@@ -166,8 +196,9 @@ def haystack_index(tokenizer: Any, name: str) -> HaystackIndex:
     if hit is not None and hit[0] is tokenizer:
         return hit[1]
     text = load_haystack(name)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    starts = [int(a) for a, _ in enc["offset_mapping"]]
+    spans = _chunks(text)
+    enc = tokenizer([text[a:b] for a, b in spans], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    starts = [a + int(o[0]) for (a, _), offsets in zip(spans, enc["offset_mapping"], strict=True) for o in offsets]
     # Offsets are not always monotone (byte-level merges); keep them sorted for bisect.
     for i in range(1, len(starts)):
         if starts[i] < starts[i - 1]:

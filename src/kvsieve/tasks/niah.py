@@ -32,8 +32,15 @@ class PasskeyTask(HaystackTask):
         assert depth is not None
         key = draw_fresh(rng, lambda r: str(r.randint(10000, 99999)), index, set(), avoid=self.prefix)
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        return Needles(prefix=self.prefix, needles=[(needle, depth)], question=self.question, answers=[key],
-                       answer_prefix=self.answer_prefix, expected={key: 2}, meta={"needle": needle})
+        return Needles(
+            prefix=self.prefix,
+            needles=[(needle, depth)],
+            question=self.question,
+            answers=[key],
+            answer_prefix=self.answer_prefix,
+            expected={key: 2},
+            meta={"needle": needle},
+        )
 
 
 _PLURAL = {"number": "numbers", "word": "words", "uuid": "uuids"}
@@ -51,8 +58,15 @@ class NIAHTask(HaystackTask):
     others at depths drawn from the seed. Every value and key is checked to be absent from the haystack.
     """
 
-    def __init__(self, name: str, description: str, value_type: ValueType = "number", num_keys: int = 1,
-                 num_values: int = 1, num_queries: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        value_type: ValueType = "number",
+        num_keys: int = 1,
+        num_values: int = 1,
+        num_queries: int = 1,
+    ) -> None:
         if not 1 <= num_queries <= num_keys or num_values < 1:
             raise ValueError("need 1 <= num_queries <= num_keys and num_values >= 1")
         self.name = name
@@ -72,15 +86,20 @@ class NIAHTask(HaystackTask):
     def draw(self, rng: random.Random, depth: float | None, index: HaystackIndex) -> Needles:
         assert depth is not None
         kind = _PLURAL[self.value_type]
-        prefix = (f"Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
-                  f"I will quiz you about the {kind} afterwards.\n\n")
+        prefix = (
+            f"Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
+            f"I will quiz you about the {kind} afterwards.\n\n"
+        )
         taken: set[str] = set()
-        keys = [draw_fresh(rng, lambda r: f"{r.choice(ADJECTIVES)}-{r.choice(NOUNS)}", index, taken,
-                           avoid=prefix) for _ in range(self.num_keys)]
+        keys = [
+            draw_fresh(rng, lambda r: f"{r.choice(ADJECTIVES)}-{r.choice(NOUNS)}", index, taken, avoid=prefix)
+            for _ in range(self.num_keys)
+        ]
         if self.value_type == "word":  # a value word must not hide inside a key
             taken |= {part for k in keys for part in k.split("-")}
-        values = [[draw_fresh(rng, self._value, index, taken, avoid=prefix) for _ in range(self.num_values)]
-                  for _ in keys]
+        values = [
+            [draw_fresh(rng, self._value, index, taken, avoid=prefix) for _ in range(self.num_values)] for _ in keys
+        ]
         needles = []
         for k, (key, vals) in enumerate(zip(keys, values, strict=True)):
             for j, value in enumerate(vals):
@@ -98,6 +117,12 @@ class NIAHTask(HaystackTask):
         expected = {v: 1 for v in answers}
         expected |= {v: 1 for vals in values for v in vals}
         expected |= {key: self.num_values for key in keys}
-        return Needles(prefix=prefix, needles=needles, question=question, answers=answers,
-                       answer_prefix=answer_prefix, expected=expected,
-                       meta={"keys": keys, "values": values, "queried_keys": asked})
+        return Needles(
+            prefix=prefix,
+            needles=needles,
+            question=question,
+            answers=answers,
+            answer_prefix=answer_prefix,
+            expected=expected,
+            meta={"keys": keys, "values": values, "queried_keys": asked},
+        )

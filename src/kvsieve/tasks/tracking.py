@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import string
 
@@ -42,22 +43,32 @@ class VariableTrackingTask(HaystackTask):
         def number(r: random.Random) -> str:
             return str(r.randint(10000, 99999))
 
-        chains = [[draw_fresh(rng, name, index, taken, avoid=avoid) for _ in range(self.num_hops + 1)]
-                  for _ in range(self.num_chains)]
+        chains = [
+            [draw_fresh(rng, name, index, taken, avoid=avoid) for _ in range(self.num_hops + 1)]
+            for _ in range(self.num_chains)
+        ]
         values = [draw_fresh(rng, number, index, taken, avoid=avoid) for _ in chains]
         needles: list[tuple[str, float]] = []
         for chain, value in zip(chains, values, strict=True):
             depths = sorted(rng.uniform(0.0, 100.0) for _ in chain)
             statements = [f"VAR {chain[0]} = {value}."]
-            statements += [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:], strict=False)]
+            statements += [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(chain)]
             needles += zip(statements, depths, strict=True)
         answers, value = chains[0], values[0]
         question = f"Question: Find all variables that are assigned the value {value} in the text above."
-        answer_prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, "
-                         f"{len(answers)} variables are assigned the value {value}, they are:")
+        answer_prefix = (
+            f"Answer: According to the chain(s) of variable assignment in the text above, "
+            f"{len(answers)} variables are assigned the value {value}, they are:"
+        )
         expected = {v: 1 for v in values}
         for chain in chains:
             expected |= {var: 2 for var in chain[:-1]} | {chain[-1]: 1}
-        return Needles(prefix=self.prefix, needles=needles, question=question, answers=list(answers),
-                       answer_prefix=answer_prefix, expected={a: expected[a] for a in answers} | expected,
-                       meta={"chains": chains, "values": values})
+        return Needles(
+            prefix=self.prefix,
+            needles=needles,
+            question=question,
+            answers=list(answers),
+            answer_prefix=answer_prefix,
+            expected={a: expected[a] for a in answers} | expected,
+            meta={"chains": chains, "values": values},
+        )

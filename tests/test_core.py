@@ -1,0 +1,293 @@
+"""The cache, the attention hook and the budget on tiny random-weight models of four architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+import kvsieve
+from conftest import make_model, prompt_ids
+from kvsieve import Sieve, prefill
+from kvsieve.cache import SieveLayer
+from kvsieve.methods import REGISTRY
+
+EVICTING = sorted(name for name, cls in REGISTRY.items() if cls.evicts and name != "adakv")
+
+
+def run_steps(model, cache, ids: torch.Tensor, steps: int = 5, chunk: int | None = None) -> list[torch.Tensor]:
+    """Prefill then greedy-decode ``steps`` tokens; returns the logits of each forward pass."""
+    out = []
+    n = ids.shape[1]
+    step = n if chunk is None else chunk
+    with torch.no_grad():
+        for start in range(0, n, step):
+            logits = model(ids[:, start : start + step], past_key_values=cache, use_cache=True).logits
+            out.append(logits)
+        for _ in range(steps):
+            nxt = out[-1][:, -1:].argmax(-1)
+            out.append(model(nxt, past_key_values=cache, use_cache=True).logits)
+    return out
+
+
+def baseline(model, ids, steps=5, chunk=None):
+    return run_steps(model, DynamicCache(config=model.config), ids, steps, chunk)
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv", "h2o", "knorm", "streaming_llm(rerotate=False)"])
+def test_compression_zero_is_bitwise_baseline(arch_model, method):
+    ids = prompt_ids(40)
+    ref = baseline(arch_model, ids)
+    sieve = Sieve(method, compression=0.0) if method != "full" else Sieve("full")
+    with sieve.attach(arch_model) as cache:
+        got = run_steps(arch_model, cache, ids)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_chunked_prefill_full_equals_chunked_baseline(arch_model):
+    ids = prompt_ids(48)
+    ref = baseline(arch_model, ids, chunk=16)
+    with Sieve("full").attach(arch_model) as cache:
+        got = run_steps(arch_model, cache, ids, chunk=16)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_generate_with_full_equals_plain_generate(arch_model):
+    ids = prompt_ids(30)
+    plain = arch_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with Sieve("full").attach(arch_model) as cache:
+        ours = arch_model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache, pad_token_id=0)
+    assert torch.equal(plain, ours)
+
+
+@pytest.mark.parametrize("method", EVICTING)
+def test_token_budget_holds_at_every_step(arch_model, method):
+    budget = 12
+    ids = prompt_ids(40)
+    if method == "streaming_llm" and arch_model.config.model_type == "gemma3_text":
+        method = "streaming_llm(rerotate=False)"  # re-rotation needs all-global layers (tested in test_errors)
+    with Sieve(method, budget=budget).attach(arch_model) as cache, torch.no_grad():
+        arch_model(ids[:, :20], past_key_values=cache)
+        assert all(layer.length == budget for layer in cache.sieve_layers())
+        for _ in range(6):
+            arch_model(ids[:, :1], past_key_values=cache)
+            for layer in cache.sieve_layers():
+                assert layer.tokens_per_head() == [budget] * layer.n_kv_heads
+    # sliding layers keep transformers' own behaviour: at most a window of tokens
+    for layer in cache.layers:
+        if not isinstance(layer, SieveLayer):
+            assert layer.keys.shape[2] <= layer.sliding_window
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_compression_ratio_holds_during_prefill_and_decoding(llama, ratio):
+    ids = prompt_ids(64)
+    with Sieve("snapkv", compression=ratio).attach(llama) as cache, torch.no_grad():
+        logits = llama(ids, past_key_values=cache).logits
+        assert cache.kv_tokens() == [int(64 * (1 - ratio))] * 2
+        for step in range(1, 5):
+            llama(logits[:, -1:].argmax(-1), past_key_values=cache)
+            assert cache.kv_tokens() == [int((64 + step) * (1 - ratio))] * 2
+
+
+def test_kv_bytes_are_real(llama):
+    """A cache that claims a budget holds only that many tokens' tensors, in storage it owns."""
+    budget, ids = 16, prompt_ids(64)
+    with Sieve("h2o", budget=budget).attach(llama) as cache, torch.no_grad():
+        llama(ids, past_key_values=cache)
+    cfg = llama.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    expected = budget * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * 4
+    assert cache.kv_bytes() == expected
+    for layer in cache.sieve_layers():
+        for seg in layer.segments:
+            for t in (seg.keys, seg.values):
+                assert t.untyped_storage().nbytes() == t.nelement() * t.element_size()
+
+
+def test_headwise_budget_frees_memory_per_head(llama):
+    budget, ids = 10, prompt_ids(64)
+    with Sieve("adakv:snapkv", budget=budget).attach(llama) as cache, torch.no_grad():
+        logits = llama(ids, past_key_values=cache).logits
+        llama(logits[:, -1:].argmax(-1), past_key_values=cache)
+    heads = llama.config.num_key_value_heads
+    head_dim = llama.config.hidden_size // llama.config.num_attention_heads
+    total = 0
+    for layer in cache.sieve_layers():
+        per_head = layer.tokens_per_head()
+        assert sum(per_head) == budget * heads  # the layer's budget, split across heads
+        for seg in layer.segments:
+            for t in (seg.keys, seg.values):
+                assert t.untyped_storage().nbytes() == t.nelement() * t.element_size()
+        total += sum(per_head)
+    assert cache.kv_bytes() == total * head_dim * 2 * 4
+
+
+class Spy(kvsieve.Method):
+    """Records what the wrapped method scored, to check the policy kept exactly its top-k."""
+
+    name = "spy"
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+        self.rerotate = inner.rerotate
+
+    def attention_request(self, evicting):
+        return self.inner.attention_request(evicting)
+
+    def observe(self, obs):
+        self.inner.observe(obs)
+
+    def score(self, obs):
+        s = self.inner.score(obs)
+        self.seen.append((obs.layer_idx, obs.positions.clone(), s.clone()))
+        return s
+
+    def spec(self):
+        return "spy"
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "a2sf", "tova", "knorm", "random", "streaming_llm"])
+def test_kept_tokens_are_the_top_k_of_the_score(llama, method):
+    spy = Spy(kvsieve.build(method))
+    budget = 20
+    with Sieve(spy, budget=budget).attach(llama) as cache, torch.no_grad():
+        llama(prompt_ids(50), past_key_values=cache)
+    assert len(spy.seen) == 2
+    for layer_idx, positions, scores in spy.seen:
+        expected = positions.gather(-1, scores.topk(budget, dim=-1).indices).sort(-1).values
+        assert torch.equal(cache.layers[layer_idx].segments[0].positions, expected)
+
+
+def test_streaming_20k_tokens_keeps_cache_size_constant():
+    model = make_model("llama", max_positions=256)  # a window far shorter than the stream
+    budget, chunk = 64, 100
+    ids = prompt_ids(20_000, seed=3)
+    sizes = set()
+    with Sieve("streaming_llm", budget=budget).attach(model) as cache, torch.no_grad():
+        for start in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, start : start + chunk], past_key_values=cache).logits
+            if start + chunk >= budget:  # full from the second chunk on
+                sizes.add(tuple(cache.kv_tokens()))
+                assert cache.kv_bytes() == budget * 2 * 2 * 16 * 2 * 4
+    assert sizes == {(budget, budget)}
+    assert torch.isfinite(logits).all()
+    assert cache.get_seq_length() == budget  # next position is within the cache, not 20,000
+    layer = cache.layers[0]
+    assert layer.seen == 20_000
+    assert layer.segments[0].positions[0, 0, :4].tolist() == [0, 1, 2, 3]  # the sinks survive
+
+
+def test_rerotated_keys_match_a_fresh_run_on_the_kept_tokens():
+    """Layer 0's keys depend only on token and position, so after StreamingLLM eviction they must equal the keys
+    of the kept tokens run afresh at positions 0..k-1."""
+    model = make_model("llama")
+    ids = prompt_ids(40)
+    with Sieve("streaming_llm(n_sink=2)", budget=12).attach(model) as cache, torch.no_grad():
+        model(ids, past_key_values=cache)
+        layer = cache.layers[0]
+        seg = layer.segments[0]
+        got = layer.attention_keys(seg)
+        kept = seg.positions[0, 0]
+    fresh = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, kept], past_key_values=fresh)
+    assert kept.tolist() == [0, 1, *range(30, 40)]
+    torch.testing.assert_close(got, fresh.layers[0].keys, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["random(seed=3)", "snapkv", "a2sf"])
+def test_two_identical_runs_are_identical(llama, method):
+    def once():
+        with Sieve(method, compression=0.5).attach(llama) as cache:
+            logits = run_steps(llama, cache, prompt_ids(40), steps=4)
+            return logits, [layer.segments[0].positions.clone() for layer in cache.sieve_layers()]
+
+    (a, pa), (b, pb) = once(), once()
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+
+
+def test_leaving_the_context_restores_the_model(llama):
+    ids = prompt_ids(20)
+    state = {k: v.clone() for k, v in llama.state_dict().items()}
+    config = llama.config.to_dict()
+    with torch.no_grad():
+        before = llama(ids).logits
+    with Sieve("snapkv", compression=0.5).attach(llama) as cache:
+        assert llama.config._attn_implementation == "kvsieve"
+        with torch.no_grad():
+            llama(ids, past_key_values=cache)
+    assert llama.config._attn_implementation == "sdpa"
+    assert llama.config.to_dict() == config
+    assert "kvsieve" not in AttentionInterface._global_mapping
+    assert "kvsieve" not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    assert all(torch.equal(v, state[k]) for k, v in llama.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(llama(ids).logits, before)
+
+
+def test_context_is_restored_after_an_error(llama):
+    with pytest.raises(RuntimeError, match="boom"), Sieve("knorm", budget=8).attach(llama):
+        raise RuntimeError("boom")
+    assert llama.config._attn_implementation == "sdpa"
+    assert "kvsieve" not in AttentionInterface._global_mapping
+
+
+def test_forward_without_the_kvsieve_cache_is_an_error(llama):
+    with Sieve("knorm", budget=8).attach(llama), pytest.raises(kvsieve.KVSieveError, match="past_key_values=cache"):
+        llama(prompt_ids(10), past_key_values=DynamicCache(config=llama.config))
+
+
+def test_batch_with_left_padding_matches_plain_generate(llama):
+    ids = prompt_ids(24, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0  # left padding on the second row
+    plain = llama.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with Sieve("full").attach(llama) as cache:
+        ours = llama.generate(
+            ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=cache
+        )
+    assert torch.equal(plain, ours)
+
+
+def test_batch_with_left_padding_evicts_padding_first(llama):
+    ids = prompt_ids(24, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0
+    with Sieve("knorm", budget=16).attach(llama) as cache:
+        out = llama.generate(
+            ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache
+        )
+    assert out.shape == (2, 28)
+    for layer in cache.sieve_layers():
+        seg = layer.segments[0]
+        assert seg.valid is None  # 17 real tokens in row 2 > 16 kept: every padding token went first
+        assert layer.length == 16
+
+
+def test_chunked_prefill_bounds_the_cache(llama):
+    ids = prompt_ids(200)
+    peak = 0
+
+    class Watch(kvsieve.Method):
+        name = "watch"
+
+    with Sieve("h2o", budget=32).attach(llama) as cache:
+        original = SieveLayer.commit
+
+        def spy(self, *a, **k):
+            nonlocal peak
+            original(self, *a, **k)
+            peak = max(peak, self.length)
+
+        SieveLayer.commit = spy
+        try:
+            prefill(llama, ids, cache, chunk_size=25)
+        finally:
+            SieveLayer.commit = original
+    assert peak == 32 + 25
+    assert cache.kv_tokens() == [32, 32]
