@@ -8,10 +8,10 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 import kvsieve
-from conftest import make_model, prompt_ids
 from kvsieve import Sieve, prefill
 from kvsieve.cache import SieveLayer
 from kvsieve.methods import REGISTRY
+from tiny_models import make_model, prompt_ids
 
 EVICTING = sorted(name for name, cls in REGISTRY.items() if cls.evicts and name != "adakv")
 

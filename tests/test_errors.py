@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import make_model, prompt_ids
 from kvsieve import (
     BudgetError,
     ContextLengthError,
@@ -18,6 +17,7 @@ from kvsieve import (
 )
 from kvsieve.cli import main
 from kvsieve.generation import check_prompt_fits
+from tiny_models import make_model, prompt_ids
 
 
 @pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1])

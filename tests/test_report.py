@@ -446,3 +446,28 @@ def test_formatters() -> None:
     assert fmt_bytes(3 * 1024**3) == "3 GiB"
     assert fmt_seconds(0.0156) == "15.6 ms"
     assert fmt_seconds(1234.5) == "1,234 s"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["only_full", "no_full", "missing_fields", "nan_scores", "odd_mode", "many_methods"],
+)
+def test_report_degenerate_inputs_render(case: str) -> None:
+    from kvsieve.bench.report import render_report
+
+    base = synthetic_rows()
+    rows = {
+        "only_full": [r for r in base if r["method"] == "full"],
+        "no_full": [r for r in base if r["method"] != "full"],
+        "missing_fields": [{"method": "snapkv", "compression": 0.5}, {"method": "full", "score": None}, {}],
+        "nan_scores": [dict(r, score=math.nan) for r in base],
+        "odd_mode": [dict(r, mode="hybrid") for r in base],
+        "many_methods": [dict(r, method=f"a-very-long-method-name-{i}:snapkv") for i in range(14) for r in base[:8]],
+    }[case]
+    page = render_report(rows, streaming=[{"method": "full", "ppl": math.inf}], memory=[{"method": "x"}])
+    assert page.endswith("</html>\n")
+    assert "http://" not in page and "https://" not in page
+    if case == "nan_scores":
+        assert "No scores." in page
+    if case == "odd_mode":
+        assert "score-hybrid-all" in chart_ids(page)

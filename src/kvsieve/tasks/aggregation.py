@@ -22,9 +22,10 @@ class CommonWordsTask(Task):
     """A numbered list of words in which ``num_cw`` words appear far more often than the rest; name them.
 
     RULER's cwe: the common words appear ``freq_cw`` times (up to 30, scaled down so that they make about
-    30% of a short list), every other word at most ``freq_ucw`` (3) times, raised only when the target
-    length needs more entries than the embedded vocabulary has words. The list length is fitted to the
-    target; ``depth`` and ``haystack`` do not apply.
+    30% of a short list), every other word at most ``freq_ucw`` (3) times; ``freq_ucw`` is raised (with
+    ``freq_cw`` kept at three times it or more) when the target length needs more entries than the embedded
+    vocabulary has words (beyond about 15k tokens), and lists under about 700 tokens use 3 and 1. The list
+    length is fitted to the target; ``depth`` and ``haystack`` do not apply.
     """
 
     name = "common_words"
@@ -72,7 +73,9 @@ class CommonWordsTask(Task):
         )
         n_entries = max(1.0, (length - base) / per_entry)
         freq_ucw = max(self.freq_ucw, math.ceil(0.7 * n_entries / len(pool)))
-        freq_cw = max(freq_ucw + 2, min(max(self.freq_cw, 3 * freq_ucw), round(0.3 * n_entries / self.num_cw)))
+        freq_cw = min(max(self.freq_cw, 3 * freq_ucw), round(0.3 * n_entries / self.num_cw))
+        if freq_cw < freq_ucw + 2:  # a short list: common words three times, the others once
+            freq_ucw, freq_cw = 1, max(3, freq_cw)
         counts_cw = [(w, freq_cw) for w in common]
 
         def counts(u: int) -> list[tuple[str, int]]:
