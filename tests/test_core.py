@@ -190,7 +190,7 @@ def test_rerotated_keys_match_a_fresh_run_on_the_kept_tokens():
         model(ids, past_key_values=cache)
         layer = cache.layers[0]
         seg = layer.segments[0]
-        got = layer.attention_keys(seg)
+        got, _ = layer.attention_kv(seg)
         kept = seg.positions[0, 0]
     fresh = DynamicCache(config=model.config)
     with torch.no_grad():

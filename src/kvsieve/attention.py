@@ -72,18 +72,23 @@ def sdpa_output(
     allowed: torch.Tensor | None,
     scaling: float | None,
     dropout: float = 0.0,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output ``(B, q, Hq, D)`` for query ``(B, Hq, q, D)`` over keys/values ``(B, h, T, D)``.
 
     ``allowed=None`` means plain causal attention with the queries last, where transformers' own sdpa path takes
     exactly the same kernel route as an uncompressed model (so compression 0 is bitwise identical). A mask that
-    differs per KV head is expanded to the query heads and sent to sdpa directly.
+    differs per KV head, or an additive logit ``bias`` ``(B|1, Hq|1, q, T)`` (calibration), goes to sdpa directly
+    as a float mask over the query heads.
     """
-    if allowed is None or allowed.shape[1] == 1:
+    if bias is None and (allowed is None or allowed.shape[1] == 1):
         out, _ = sdpa_attention_forward(module, query, keys, values, allowed, dropout=dropout, scaling=scaling)
         return out
     groups = query.shape[1] // keys.shape[1]
-    mask = allowed.repeat_interleave(groups, dim=1)
+    mask = allowed.repeat_interleave(groups, dim=1) if allowed is not None and allowed.shape[1] > 1 else allowed
+    if bias is not None:
+        bias = bias.to(torch.float32 if query.dtype == torch.float32 else query.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(
         query, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=mask, dropout_p=dropout, scale=scaling
     )

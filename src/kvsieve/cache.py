@@ -63,6 +63,10 @@ class Segment:
     def heads(self) -> slice:
         return slice(self.head_start, self.head_start + self.n_heads)
 
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense keys and values for attention. Storage subclasses (quantized, shared) reconstruct them here."""
+        return self.keys, self.values
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None):
         """Append new tokens. ``positions``/``valid`` are ``(B, h, q)``; state of new tokens starts at zero."""
         n_old = self.length
@@ -140,6 +144,7 @@ class SieveLayer(CacheLayerMixin):
         self.rerotate = rerotate
         self.inv_freq = inv_freq
         self.segments: list[Segment] = []
+        self.method_state: dict = {}  # per-layer method state that is not per token
         self.seen = 0  # tokens ever added, real or padding
         self.n_new = 0  # tokens added by the last update, waiting for their positions
         self._new: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -179,6 +184,7 @@ class SieveLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.segments, self.seen, self.n_new, self._new = [], 0, 0, None
+        self.method_state = {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for seg in self.segments:
@@ -230,11 +236,12 @@ class SieveLayer(CacheLayerMixin):
             seg.append(keys[:, hs], values[:, hs], pos[:, hs], None if val is None else val[:, hs])
         self.n_new = 0
 
-    def attention_keys(self, seg: Segment) -> torch.Tensor:
-        """Keys as attention must see them: rotated to in-cache positions when re-rotating."""
-        if not self.rerotate:
-            return seg.keys
-        return rope.rotate(seg.keys, self.cache_positions(seg), self.inv_freq)
+    def attention_kv(self, seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as attention must see them: dense, keys rotated to in-cache positions if re-rotating."""
+        keys, values = seg.read()
+        if self.rerotate:
+            keys = rope.rotate(keys, self.cache_positions(seg), self.inv_freq)
+        return keys, values
 
     def cache_positions(self, seg: Segment) -> torch.Tensor:
         """Positions within the cache, ``(1, 1, T)``: what re-rotated keys are rotated to."""
@@ -322,6 +329,7 @@ class SieveCache(Cache):
                 )
         super().__init__(layers=layers)
         self.compressing = True
+        self.shared: dict = {}  # method state shared across layers, for this cache only
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         _last_update.value = (self, layer_idx)

@@ -51,9 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text and a table")
 
-    from .bench.cli import add_bench_parsers  # the bench owns its own arguments
+    # Subsystems own their subcommands: each module has add_parsers(sub) and registers handlers in COMMANDS.
+    import importlib
 
-    add_bench_parsers(sub)
+    for module in ("bench.cli", "diagnose.cli"):
+        try:
+            importlib.import_module(f"{__package__}.{module}").add_parsers(sub)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{module}":
+                raise
     return parser
 
 

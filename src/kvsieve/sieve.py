@@ -81,7 +81,10 @@ class Sieve:
 
     def __init__(self, method: str | Method = "full", *, compression: float | None = None, budget: int | None = None):
         self.method = build(method) if isinstance(method, str) else method
-        if not self.method.evicts:
+        if not self.method.evicts and self.method.selects:
+            given = (compression, budget) != (None, None)
+            self.budget = Budget(compression=compression, tokens=budget) if given else None
+        elif not self.method.evicts:
             if budget is not None or (compression or 0.0) > 0.0:
                 raise BudgetError(
                     f"{self.method.name} keeps every token, so a budget or compression > 0 would be ignored; "
@@ -199,8 +202,8 @@ class Session:
         layer.commit(position_ids, new_valid)
 
         method, layer_idx = self.method, module.layer_idx
-        target = None
-        if self.budget is not None:
+        target = None  # tokens to keep per head after this pass
+        if self.budget is not None and method.evicts:
             target = method.layer_budget(self.budget.target(layer.seen), layer_idx, self.n_layers)
         evicting = cache.compressing and target is not None and layer.length > target
         request = method.attention_request(evicting)
@@ -208,39 +211,69 @@ class Session:
         outputs, scores = [], []
         for seg in layer.segments:
             q_seg = query[:, seg.head_start * groups : (seg.head_start + seg.n_heads) * groups]
-            keys = layer.attention_keys(seg)
-            valid = seg.valid
-            shared_valid = valid if valid is None or valid.shape[1] == 1 else valid[:, :1]
-            if valid is not None and valid.shape[1] > 1 and not bool((valid == valid[:, :1]).all()):
-                shared_valid = valid
-            allowed = attn.causal_allowed(q, seg.length, shared_valid, device=query.device)
-            if not attn.needs_mask(q, seg.length, valid):
-                allowed = None
-            outputs.append(attn.sdpa_output(module, q_seg, keys, seg.values, allowed, scaling, dropout))
-            stats = attn.column_sums(q_seg, keys, scaling, valid, request) if request is not None else None
+            keys, values = layer.attention_kv(seg)
             obs = Observation(
                 layer_idx=layer_idx,
                 n_layers=self.n_layers,
                 keys=keys,
-                values=seg.values,
+                values=values,
                 queries=q_seg,
                 positions=seg.positions,
-                valid=valid,
-                attention=stats,
+                valid=seg.valid,
+                attention=None,
                 state=seg.state,
                 n_new=q,
                 scaling=scaling,
                 budget=target if target is not None else seg.length,
+                layer_state=layer.method_state,
+                shared=cache.shared,
+                head_start=seg.head_start,
             )
+            outputs.append(self._segment_output(module, obs, dropout))
+            if request is not None:
+                obs.attention = attn.column_sums(q_seg, keys, scaling, seg.valid, request)
             method.observe(obs)
             if evicting:
                 score = method.score(obs)
-                if valid is not None:  # padding goes first, whatever the method thinks of it
-                    score = score.masked_fill(~valid, float("-inf"))
-                scores.append(score)
+                if seg.valid is not None:  # padding goes first, whatever the method thinks of it
+                    score = score.masked_fill(~seg.valid, float("-inf"))
+                scores.append((obs, score))
         if evicting:
-            layer.keep(method.select(scores, target))
+            keep = method.select([score for _, score in scores], target)
+            merged = _merged(method, scores, keep)
+            layer.keep(keep)
+            for seg, update in zip(layer.segments, merged, strict=False):
+                if update is not None:
+                    seg.keys, seg.values = update
+        layer.segments = [method.pack(seg) for seg in layer.segments]
         return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+    def _segment_output(self, module, obs: Observation, dropout: float) -> torch.Tensor:
+        """sdpa over one segment, through the method's selective reads and logit bias if it has them."""
+        q, keys, values, valid = obs.n_new, obs.keys, obs.values, obs.valid
+        bias = self.method.logit_bias(obs)
+        if self.method.selects and q == 1:
+            obs.budget = self.read_budget(obs.keys.shape[2])
+            index = self.method.reads(obs)
+            if index is not None:
+                keys, values, valid, bias = _gather_reads(index, keys, values, valid, bias)
+        t = keys.shape[2]
+        allowed = None
+        if attn.needs_mask(q, t, valid) or bias is not None:
+            shared_valid = valid
+            if valid is not None and valid.shape[1] > 1 and bool((valid == valid[:, :1]).all()):
+                shared_valid = valid[:, :1]
+            allowed = attn.causal_allowed(q, t, shared_valid, device=obs.queries.device)
+        return attn.sdpa_output(module, obs.queries, keys, values, allowed, obs.scaling, dropout, bias=bias)
+
+    def read_budget(self, held: int) -> int:
+        """Tokens a selective-read method attends to per step: the sieve's budget unless an inner method evicts."""
+        own = getattr(self.method, "read_budget", None)
+        if own is not None:
+            return int(own) if own >= 1 else max(1, int(held * own))
+        if self.budget is None:
+            return held
+        return self.budget.target(held)
 
     def _check_window(self, position_ids: torch.Tensor) -> None:
         if self.max_positions is None:
@@ -256,6 +289,30 @@ class Session:
             raise ContextLengthError(
                 f"position {top} is beyond the model's window of {self.max_positions} tokens: {how}."
             )
+
+
+def _merged(method, scores, keep) -> list:
+    """The method's merged (keys, values) for each segment's kept tokens, computed before the gather."""
+    if len(keep) != len(scores):  # a head-wise policy split one segment into per-head ones: no merging there
+        return [None] * len(keep)
+    return [method.merge(obs, idx) for (obs, _), idx in zip(scores, keep, strict=True)]
+
+
+def _gather_reads(index, keys, values, valid, bias):
+    """Gather the tokens a selective-read method picked, always including the newest one (index T - 1)."""
+    t = keys.shape[2]
+    newest = torch.full((*index.shape[:2], 1), t - 1, dtype=index.dtype, device=index.device)
+    index = torch.cat([index[index != t - 1].view(*index.shape[:2], -1), newest], dim=-1).sort(dim=-1).values
+    d = keys.shape[-1]
+    keys = keys.gather(2, index[..., None].expand(-1, -1, -1, d))
+    values = values.gather(2, index[..., None].expand(-1, -1, -1, values.shape[-1]))
+    if valid is not None:
+        valid = valid.gather(2, index)
+    if bias is not None:
+        g = bias.shape[1] // index.shape[1] if bias.shape[1] > 1 else 1
+        idx = index.repeat_interleave(g, dim=1) if bias.shape[1] > 1 else index[:, :1]
+        bias = bias.expand(index.shape[0], -1, -1, -1).gather(3, idx[:, :, None, :].expand(-1, -1, bias.shape[2], -1))
+    return keys, values, valid, bias
 
 
 def _attend_window(module, layer, query, key, value, mask2d, scaling, dropout, kwargs):

@@ -5,5 +5,5 @@ from __future__ import annotations
 import argparse
 
 
-def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register the benchmark's subcommands on the main parser."""

@@ -74,7 +74,16 @@ def build(spec: str) -> Method:
     return method
 
 
-# Importing the modules registers the methods.
-from . import a2sf, adakv, full, knorm, random, snapkv, streaming_llm, tova  # noqa: E402, F401
+def _import_all() -> None:
+    """Import every module of this package: a module registers its methods when imported (one file per method)."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()
 
 __all__ = ["REGISTRY", "Method", "Observation", "build", "list_methods", "register"]

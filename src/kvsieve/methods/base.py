@@ -7,12 +7,13 @@ that accumulate evidence over steps (H2O, A2SF) also implement :meth:`Method.obs
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 
 from ..attention import AttentionRequest
+from ..cache import Segment
 from ..errors import BudgetError
 
 
@@ -42,7 +43,10 @@ class Observation:
     state: dict[str, torch.Tensor]
     n_new: int
     scaling: float
-    budget: int  # tokens to keep per head in this layer when evicting now
+    budget: int  # tokens to keep (or, for selective reads, to read) per head in this layer now
+    layer_state: dict = field(default_factory=dict)  # per-layer method state that is not per token (lives on the layer)
+    shared: dict = field(default_factory=dict)  # per-cache state shared by all layers (e.g. TidalDecode's selection)
+    head_start: int = 0  # index of this segment's first KV head in the layer
 
     @property
     def group_size(self) -> int:
@@ -64,6 +68,9 @@ class Method:
     paper: ClassVar[str] = ""
     needs: ClassVar[str] = "-"  # what it reads, for the `kvsieve methods` table
     evicts: ClassVar[bool] = True
+    # True for methods that keep the cache but read only some tokens per decoding step (``reads``); without an
+    # evicting inner method, the sieve's budget is then the number of tokens read per step.
+    selects: ClassVar[bool] = False
 
     # True if kept keys move to positions within the cache (StreamingLLM); False keeps original positions.
     # Methods make it a dataclass field where it is a choice; wrappers delegate it to the method they wrap.
@@ -91,6 +98,30 @@ class Method:
     def score(self, obs: Observation) -> torch.Tensor:
         """Importance of each held token, ``(B, h, T)``; higher is kept."""
         raise NotImplementedError
+
+    def reads(self, obs: Observation) -> torch.Tensor | None:
+        """Selective reads: indices ``(B, h, k)`` of the held tokens this decoding step attends to, or None for all.
+
+        Called before attention when one token is decoded (``obs.attention`` is None; ``obs.budget`` is the read
+        budget). The newest token (index ``T - 1``) is always read, whether or not it is listed.
+        """
+        return None
+
+    def logit_bias(self, obs: Observation) -> torch.Tensor | None:
+        """An additive bias on attention logits, ``(B|1, h*g|1, n_new, T)``, or None (calibration methods)."""
+        return None
+
+    def merge(self, obs: Observation, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Merging: new ``(keys, values)`` ``(B, h, k, D)`` for the kept tokens ``keep`` ``(B, h, k)``, or None.
+
+        Called after ``select`` with the tokens about to be kept; lets a method fold evicted tokens into kept ones.
+        Keys here are as stored (original-position RoPE).
+        """
+        return None
+
+    def pack(self, segment: Segment) -> Segment:
+        """Storage transform after each forward pass (e.g. quantization); returns the segment to keep."""
+        return segment
 
     def select(self, scores: list[torch.Tensor], budget: int) -> list[torch.Tensor]:
         """Indices to keep per segment. Default policy: the top ``budget`` tokens of each head.

@@ -10,12 +10,19 @@ import random
 from functools import cache
 from typing import Any
 
-from kvsieve.tasks.base import Sample, Task, TaskError, count_occurrences, count_tokens, fit_length, sample_rng
+from kvsieve.tasks.base import (
+    CONTEXT_END,
+    Sample,
+    Task,
+    TaskError,
+    count_occurrences,
+    count_tokens,
+    fit_length,
+    sample_rng,
+)
 from kvsieve.tasks.words import cwe_vocabulary
 
 __all__ = ["CommonWordsTask", "FrequentWordsTask"]
-
-CONTEXT_END = "\n\n"
 
 
 class CommonWordsTask(Task):
@@ -23,9 +30,10 @@ class CommonWordsTask(Task):
 
     RULER's cwe: the common words appear ``freq_cw`` times (up to 30, scaled down so that they make about
     30% of a short list), every other word at most ``freq_ucw`` (3) times; ``freq_ucw`` is raised (with
-    ``freq_cw`` kept at three times it or more) when the target length needs more entries than the embedded
-    vocabulary has words (beyond about 15k tokens), and lists under about 700 tokens use 3 and 1. The list
-    length is fitted to the target; ``depth`` and ``haystack`` do not apply.
+    ``freq_cw`` kept at three times it or more) when the target length needs more entries than the
+    embedded vocabulary has words (beyond about 15k tokens); short lists (under about 1k tokens) use 1 for
+    the others and 3 or 4 for the common words. The list length is fitted to the target; ``depth`` and
+    ``haystack`` do not apply.
     """
 
     name = "common_words"
@@ -78,19 +86,28 @@ class CommonWordsTask(Task):
             freq_ucw, freq_cw = 1, max(3, freq_cw)
         counts_cw = [(w, freq_cw) for w in common]
 
-        def counts(u: int) -> list[tuple[str, int]]:
+        def counts(u: int, v: int = 0) -> list[tuple[str, int]]:
+            words = pool[v:] + pool[:v]  # variant v: other uncommon words, other token counts
             full, rest = divmod(u, freq_ucw)
-            tail = [(pool[full], rest)] if rest else []
-            return counts_cw + [(w, freq_ucw) for w in pool[:full]] + tail
+            tail = [(words[full], rest)] if rest else []
+            return counts_cw + [(w, freq_ucw) for w in words[:full]] + tail
 
-        def measure(u: int) -> int:
-            return count_tokens(tokenizer, render(entries(counts(u), u)) + self.question)
+        def measure(u: int, v: int = 0) -> int:
+            return count_tokens(tokenizer, render(entries(counts(u, v), u)) + self.question)
 
         u_max = len(pool) * freq_ucw - 1
         u0 = min(u_max, round(n_entries) - freq_cw * self.num_cw)
         u, n_tokens = fit_length(lambda x: measure(min(x, u_max)), length, x0=max(0, u0), slope=per_entry)
-        u = min(u, u_max)
-        context = render(entries(counts(u), u))
+        u, v = min(u, u_max), 0
+        # One entry is several tokens: swap in other uncommon words to land closer.
+        for variant in range(1, 9):
+            if n_tokens == length:
+                break
+            for x in (u - 1, u, u + 1) if 0 < u < u_max else (u,):
+                got = measure(x, variant)
+                if abs(got - length) < abs(n_tokens - length):
+                    u, v, n_tokens = x, variant, got
+        context = render(entries(counts(u, v), u))
         expected = {w: freq_cw for w in common}
         if any(count_occurrences(context, w) != c for w, c in expected.items()):
             raise TaskError(f"{self.name}: a common word occurs an unexpected number of times")
