@@ -74,6 +74,7 @@ class PrefillSnapshot:
         self.full_cache = cache
         self.last_logits = out.logits[:, -1]
         self._inv_freq: torch.Tensor | None = None
+        self._unrotated_keys: dict[int, torch.Tensor] = {}
 
     def compress(self, method: Method, budget: Budget | None) -> SieveCache:
         """A new cache holding what ``method`` keeps under ``budget`` (``None``: everything, for ``full``)."""
@@ -99,7 +100,8 @@ class PrefillSnapshot:
                 state={}, n_new=seg.length, scaling=record.scaling, budget=target,
             )
             method.observe(obs)
-            kept = Segment(0, seg.keys, seg.values, seg.positions, seg.valid, dict(obs.state))
+            keys = self._unrotated(idx, seg) if method.rerotate else seg.keys
+            kept = Segment(0, keys, seg.values, seg.positions, seg.valid, dict(obs.state))
             dst: SieveLayer = cache.layers[idx]
             dst.lazy_initialization(seg.keys, seg.values)
             dst.n_kv_heads, dst.seen = src.n_kv_heads, src.seen
@@ -111,10 +113,15 @@ class PrefillSnapshot:
                 dst.keep(method.select([score], target))
             else:  # nothing to evict: own copies, so the snapshot stays intact for the next method
                 dst.segments = [_clone(kept)]
-            if method.rerotate:
-                for s in dst.segments:
-                    s.keys = unrotate(s.keys, s.positions, inv_freq)
         return cache
+
+    def _unrotated(self, layer_idx: int, seg: Segment) -> torch.Tensor:
+        """The layer's keys with RoPE undone, computed once, exactly as a live re-rotating layer stores them."""
+        cached = self._unrotated_keys.get(layer_idx)
+        if cached is None:
+            cached = unrotate(seg.keys, seg.positions[:, :1, :], self._rope())
+            self._unrotated_keys[layer_idx] = cached
+        return cached
 
     def _rope(self) -> torch.Tensor:
         if self._inv_freq is None:

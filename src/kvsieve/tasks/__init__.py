@@ -17,6 +17,10 @@ Tasks (:data:`TASKS`):
 * ``frequent_words``: the 3 most frequent coded words under a Zipf law.
 * ``qa``: a question about invented facts, with distractor facts.
 
+Haystacks (:mod:`kvsieve.tasks.haystack`, all offline): ``"pydoc"`` (CPython's ``pydoc_data`` topics, the
+default of the NIAH tasks and ``qa``), ``"licenses"`` (``/usr/share/common-licenses``) and ``"noise"`` (the
+repeated "The grass is green. ..." of ``passkey`` and ``variable_tracking``).
+
 Metric (every task): RULER's ``string_match_all``, the fraction of ``answers`` that occur
 case-insensitively in the prediction; 0 or 1 for single-answer tasks.
 

@@ -14,6 +14,7 @@ from kvsieve.errors import KVSieveError
 from kvsieve.tasks.haystack import HaystackIndex, canonical_haystack, haystack_index, insertion_points
 
 __all__ = [
+    "CONTEXT_END",
     "DEFAULT_HAYSTACK",
     "LENGTH_TOLERANCE",
     "HaystackTask",
@@ -24,6 +25,7 @@ __all__ = [
     "count_occurrences",
     "count_tokens",
     "fit_length",
+    "place_needles",
     "string_match_all",
 ]
 
@@ -291,7 +293,8 @@ class HaystackTask(Task):
     def _generate_one(
         self, tokenizer: Any, length: int, seed: int, index: int, depth: float | None, haystack: str | None
     ) -> Sample:
-        assert haystack is not None
+        if haystack is None:
+            raise TaskError(f"{self.name}: a needle task needs a haystack")
         rng = sample_rng(self.name, seed, index)
         hay = haystack_index(tokenizer, haystack)
         start = hay.start_offset(rng)

@@ -29,7 +29,7 @@ class PasskeyTask(HaystackTask):
     answer_prefix: ClassVar[str] = "The pass key is"
 
     def draw(self, rng: random.Random, depth: float | None, index: HaystackIndex) -> Needles:
-        assert depth is not None
+        depth = 50.0 if depth is None else depth
         key = draw_fresh(rng, lambda r: str(r.randint(10000, 99999)), index, set(), avoid=self.prefix)
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
         return Needles(
@@ -84,7 +84,7 @@ class NIAHTask(HaystackTask):
         return rng.choice(NOUNS)
 
     def draw(self, rng: random.Random, depth: float | None, index: HaystackIndex) -> Needles:
-        assert depth is not None
+        depth = 50.0 if depth is None else depth
         kind = _PLURAL[self.value_type]
         prefix = (
             f"Some special magic {kind} are hidden within the following text. Make sure to memorize it. "

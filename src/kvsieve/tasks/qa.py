@@ -102,7 +102,7 @@ class QATask(HaystackTask):
         self.num_distractors = num_distractors
 
     def draw(self, rng: random.Random, depth: float | None, index: HaystackIndex) -> Needles:
-        assert depth is not None
+        depth = 50.0 if depth is None else depth
         taken: set[str] = set()
         avoid = self.prefix + " ".join(r.fact + r.question for r in RELATIONS) + " Question Answer"
 
