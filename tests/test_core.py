@@ -35,8 +35,12 @@ def baseline(model, ids, steps=5, chunk=None):
     return run_steps(model, DynamicCache(config=model.config), ids, steps, chunk)
 
 
-@pytest.mark.parametrize("method", ["full", "snapkv", "h2o", "knorm", "streaming_llm(rerotate=False)"])
+@pytest.mark.parametrize(
+    "method", ["full", "snapkv", "h2o", "knorm", "streaming_llm", "streaming_llm(rerotate=False)"]
+)
 def test_compression_zero_is_bitwise_baseline(arch_model, method):
+    if method == "streaming_llm" and arch_model.config.model_type == "gemma3_text":
+        pytest.skip("re-rotation needs all-global layers; Gemma 3 refuses it (tested in test_errors)")
     ids = prompt_ids(40)
     ref = baseline(arch_model, ids)
     sieve = Sieve(method, compression=0.0) if method != "full" else Sieve("full")

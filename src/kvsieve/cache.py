@@ -50,6 +50,8 @@ class Segment:
     positions: torch.Tensor
     valid: torch.Tensor | None = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Re-rotating layers: the position each key was rotated at when it arrived, ``(B, h, T)``; None otherwise.
+    rope_positions: torch.Tensor | None = None
 
     @property
     def n_heads(self) -> int:
@@ -67,12 +69,22 @@ class Segment:
         """Dense keys and values for attention. Storage subclasses (quantized, shared) reconstruct them here."""
         return self.keys, self.values
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None):
-        """Append new tokens. ``positions``/``valid`` are ``(B, h, q)``; state of new tokens starts at zero."""
+    def append(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None,
+        rope_positions: torch.Tensor | None = None,
+    ):
+        """Append new tokens. ``positions``/``valid``/``rope_positions`` are ``(B, h, q)``; new state starts at 0."""
         n_old = self.length
         self.keys = torch.cat([self.keys, keys], dim=2)
         self.values = torch.cat([self.values, values], dim=2)
         self.positions = torch.cat([self.positions, positions], dim=2)
+        if rope_positions is not None:
+            old = self.rope_positions if self.rope_positions is not None else rope_positions[..., :0]
+            self.rope_positions = torch.cat([old, rope_positions], dim=2)
         if valid is not None or self.valid is not None:
             old = self.valid if self.valid is not None else _all_true(self.positions[..., :n_old])
             new = valid if valid is not None else _all_true(positions)
@@ -89,6 +101,8 @@ class Segment:
         self.keys = self.keys.gather(2, kv_index)
         self.values = self.values.gather(2, kv_index)
         self.positions = self.positions.gather(2, index)
+        if self.rope_positions is not None:
+            self.rope_positions = self.rope_positions.gather(2, index)
         if self.valid is not None:
             self.valid = self.valid.gather(2, index)
             if bool(self.valid.all()):
@@ -108,6 +122,7 @@ class Segment:
                     positions=self.positions[:, sl].clone(),
                     valid=None if self.valid is None else self.valid[:, sl].clone(),
                     state={k: v[:, sl].clone() for k, v in self.state.items()},
+                    rope_positions=None if self.rope_positions is None else self.rope_positions[:, sl].clone(),
                 )
             )
         return out
@@ -118,7 +133,8 @@ class Segment:
 
     def aux_nbytes(self) -> int:
         """Bytes of the per-token bookkeeping (positions, padding, method state)."""
-        tensors = [self.positions, *self.state.values()] + ([self.valid] if self.valid is not None else [])
+        tensors = [self.positions, *self.state.values()]
+        tensors += [t for t in (self.valid, self.rope_positions) if t is not None]
         return sum(t.nelement() * t.element_size() for t in tensors)
 
 
@@ -129,8 +145,11 @@ def _all_true(like: torch.Tensor) -> torch.Tensor:
 class SieveLayer(CacheLayerMixin):
     """A full-attention cache layer that holds only kept tokens (see the module docstring).
 
-    ``rerotate=True`` stores keys with RoPE undone and serves them rotated to their positions within the cache
-    (0..T-1), as StreamingLLM does; new tokens then take position T. Otherwise keys keep their original positions.
+    ``rerotate=True`` serves keys rotated to their positions within the cache (0..T-1), as StreamingLLM does; new
+    tokens then take position T. Keys are stored exactly as they arrived, with the position they were rotated at,
+    and rotated at read time by (position in cache - arrival position): one rotation from the pristine key, so no
+    error accumulates over a long stream, and a key that never moved is read bit for bit as the model made it.
+    Otherwise keys keep their original positions.
     """
 
     is_sliding = False
@@ -221,10 +240,11 @@ class SieveLayer(CacheLayerMixin):
         self._new = None
         b, h, q, _ = keys.shape
         positions = positions.to(keys.device).expand(b, q)
+        rope_pos = None
         if self.rerotate:
-            # Keys arrived rotated at their position in the cache (the model's position ids): store them un-rotated,
-            # and record their position in the whole stream, which recency and sink rules rank by.
-            keys = rope.unrotate(keys, positions[:, None, :], self.inv_freq)
+            # Keys arrived rotated at their position in the cache (the model's position ids); rank tokens by their
+            # position in the whole stream, which recency and sink rules use.
+            rope_pos = positions[:, None, :].expand(b, h, q).contiguous()
             positions = torch.arange(self.seen - q, self.seen, device=keys.device)[None, :].expand(b, q)
         pos = positions[:, None, :].expand(b, h, q).contiguous()
         val = None if valid is None else valid.to(keys.device)[:, None, :].expand(b, h, q).contiguous()
@@ -233,19 +253,20 @@ class SieveLayer(CacheLayerMixin):
             self.segments = [Segment(0, empty, values[:, :, :0], pos[:, :, :0], None)]
         for seg in self.segments:
             hs = seg.heads
-            seg.append(keys[:, hs], values[:, hs], pos[:, hs], None if val is None else val[:, hs])
+            seg.append(
+                keys[:, hs], values[:, hs], pos[:, hs], None if val is None else val[:, hs],
+                None if rope_pos is None else rope_pos[:, hs],
+            )
         self.n_new = 0
 
     def attention_kv(self, seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values as attention must see them: dense, keys rotated to in-cache positions if re-rotating."""
         keys, values = seg.read()
         if self.rerotate:
-            keys = rope.rotate(keys, self.cache_positions(seg), self.inv_freq)
+            shift = torch.arange(seg.length, device=keys.device) - seg.rope_positions
+            if bool(shift.any()):
+                keys = rope.rotate(keys, shift, self.inv_freq)
         return keys, values
-
-    def cache_positions(self, seg: Segment) -> torch.Tensor:
-        """Positions within the cache, ``(1, 1, T)``: what re-rotated keys are rotated to."""
-        return torch.arange(seg.length, device=seg.keys.device)[None, None, :]
 
     def keep(self, indices: list[torch.Tensor]) -> None:
         """Keep the tokens at ``indices``, one ``(B, h_s, k)`` tensor per segment, or one ``(B, 1, k_h)`` per head.

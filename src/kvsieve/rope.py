@@ -1,9 +1,9 @@
 """Rotary position helpers for methods that keep keys at positions *within the cache* (StreamingLLM).
 
-transformers rotates keys before they reach the cache. A layer that re-indexes positions stores keys with the
-rotation undone (``unrotate``) and rotates them again at the positions they hold in the cache each time attention
-reads them (``rotate``). Undoing once and redoing from scratch every step avoids the drift that repeated small
-rotations would accumulate over a long stream.
+transformers rotates keys before they reach the cache. A layer that re-indexes positions keeps each key as it
+arrived and, when attention reads it, rotates it by (its position in the cache - the position it was rotated at):
+RoPE is a rotation, so R(a) R(b) = R(a + b). Rotating once from the pristine key at every read, rather than
+rotating stored keys again at each eviction, accumulates no error over a long stream.
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) 
     k = keys.to(torch.float32)
     out = k * emb.cos() + _rotate_half(k) * emb.sin()
     return out.to(keys.dtype)
-
-
-def unrotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Undo RoPE applied at ``positions`` (a rotation by the negative angle)."""
-    return rotate(keys, -positions, inv_freq)
 
 
 def find_inv_freq(model: nn.Module, layer_type: str = "full_attention") -> torch.Tensor:

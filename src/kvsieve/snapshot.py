@@ -21,7 +21,7 @@ from . import attention as attn
 from .attention import AttentionRequest
 from .cache import Segment, SieveCache, SieveLayer
 from .methods.base import Method, Observation
-from .rope import find_inv_freq, unrotate
+from .rope import find_inv_freq
 from .sieve import Budget, Sieve
 
 KEPT_QUERIES = 64  # query rows kept per layer for methods that read queries directly
@@ -74,7 +74,6 @@ class PrefillSnapshot:
         self.full_cache = cache
         self.last_logits = out.logits[:, -1]
         self._inv_freq: torch.Tensor | None = None
-        self._unrotated_keys: dict[int, torch.Tensor] = {}
 
     def compress(self, method: Method, budget: Budget | None) -> SieveCache:
         """A new cache holding what ``method`` keeps under ``budget`` (``None``: everything, for ``full``)."""
@@ -100,8 +99,9 @@ class PrefillSnapshot:
                 state={}, n_new=seg.length, scaling=record.scaling, budget=target,
             )
             method.observe(obs)
-            keys = self._unrotated(idx, seg) if method.rerotate else seg.keys
-            kept = Segment(0, keys, seg.values, seg.positions, seg.valid, dict(obs.state))
+            # a re-rotating layer that ran this prefill itself would hold the same keys, rotated where they arrived
+            rope_positions = seg.positions if method.rerotate else None
+            kept = Segment(0, seg.keys, seg.values, seg.positions, seg.valid, dict(obs.state), rope_positions)
             dst: SieveLayer = cache.layers[idx]
             dst.lazy_initialization(seg.keys, seg.values)
             dst.n_kv_heads, dst.seen = src.n_kv_heads, src.seen
@@ -115,14 +115,6 @@ class PrefillSnapshot:
                 dst.segments = [_clone(kept)]
         return cache
 
-    def _unrotated(self, layer_idx: int, seg: Segment) -> torch.Tensor:
-        """The layer's keys with RoPE undone, computed once, exactly as a live re-rotating layer stores them."""
-        cached = self._unrotated_keys.get(layer_idx)
-        if cached is None:
-            cached = unrotate(seg.keys, seg.positions[:, :1, :], self._rope())
-            self._unrotated_keys[layer_idx] = cached
-        return cached
-
     def _rope(self) -> torch.Tensor:
         if self._inv_freq is None:
             self._inv_freq = find_inv_freq(self.model)
@@ -130,9 +122,12 @@ class PrefillSnapshot:
 
 
 def _clone(seg: Segment) -> Segment:
+    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.clone()
+
     return Segment(
-        seg.head_start, seg.keys.clone(), seg.values.clone(), seg.positions.clone(),
-        None if seg.valid is None else seg.valid.clone(), {k: v.clone() for k, v in seg.state.items()},
+        seg.head_start, seg.keys.clone(), seg.values.clone(), seg.positions.clone(), copy(seg.valid),
+        {k: v.clone() for k, v in seg.state.items()}, copy(seg.rope_positions),
     )
 
 
