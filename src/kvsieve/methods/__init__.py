@@ -11,19 +11,37 @@ import ast
 from ..errors import KVSieveError, UnknownMethodError
 from .base import Method, Observation
 
-REGISTRY: dict[str, type[Method]] = {}
+_REGISTRY: dict[str, type[Method]] = {}
+_loaded = False
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator adding a method to the registry under ``cls.name``."""
-    if not cls.name or cls.name in REGISTRY:
+    if not cls.name or cls.name in _REGISTRY:
         raise ValueError(f"method name {cls.name!r} is empty or already registered")
-    REGISTRY[cls.name] = cls
+    _REGISTRY[cls.name] = cls
     return cls
 
 
+def registry() -> dict[str, type[Method]]:
+    """Every registered method by name. Method modules are imported on first use, not when kvsieve is imported,
+    so a method module may itself import any part of kvsieve."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        _import_all()
+    return _REGISTRY
+
+
+def __getattr__(name: str):
+    if name == "REGISTRY":
+        return registry()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def list_methods() -> list[type[Method]]:
-    return [REGISTRY[name] for name in sorted(REGISTRY)]
+    methods = registry()
+    return [methods[name] for name in sorted(methods)]
 
 
 def _split_top(spec: str) -> list[str]:
@@ -59,13 +77,14 @@ def _parse_part(part: str) -> tuple[str, dict]:
 def build(spec: str) -> Method:
     """Build a method from a spec string such as ``"snapkv"``, ``"h2o(recent=0.25)"`` or ``"adakv:snapkv"``."""
     parts = [_parse_part(p) for p in _split_top(spec)]
+    methods = registry()
     method: Method | None = None
     for name, kwargs in reversed(parts):
-        if name not in REGISTRY:
+        if name not in methods:
             raise UnknownMethodError(
-                f"unknown method {name!r}; known methods: {', '.join(sorted(REGISTRY))} (`kvsieve methods` lists them)"
+                f"unknown method {name!r}; known methods: {', '.join(sorted(methods))} (`kvsieve methods` lists them)"
             )
-        cls = REGISTRY[name]
+        cls = methods[name]
         try:
             method = cls(inner=method, **kwargs) if method is not None else cls(**kwargs)
         except TypeError as err:
@@ -84,6 +103,4 @@ def _import_all() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-_import_all()
-
-__all__ = ["REGISTRY", "Method", "Observation", "build", "list_methods", "register"]
+__all__ = ["REGISTRY", "Method", "Observation", "build", "list_methods", "register", "registry"]

@@ -1,0 +1,129 @@
+"""Render a diagnosis page in headless Chromium: no console errors, every chart laid out with marks, a screenshot.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/install_browser.sh``) and ``selenium``; skipped when
+either is missing. The diagnosis comes from a tiny random Llama (so it takes a second), with retrieval scores
+attached so every section renders. The full-page screenshot is copied to ``/tmp/kvsieve_diagnose.png``.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kvsieve.diagnose import HEAD_STATS, RetrievalResult, StatsConfig, diagnose
+from kvsieve.diagnose.report import write_report
+from tiny_models import make_model, prompt_ids
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+SCREENSHOT_COPY = Path("/tmp/kvsieve_diagnose.png")
+WINDOW = (1400, 1000)
+MAP_HEADS = [(0, 1), (1, 3)]
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed; run scripts/install_browser.sh")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.add_argument(f"--window-size={WINDOW[0]},{WINDOW[1]}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def _full_page_png(driver: Any) -> bytes:
+    width, height = driver.execute_script(
+        "const e = document.documentElement;"
+        "return [Math.ceil(Math.max(e.scrollWidth, document.body.scrollWidth)),"
+        "        Math.ceil(Math.max(e.scrollHeight, document.body.scrollHeight))];"
+    )
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": int(width), "height": int(height), "deviceScaleFactor": 1, "mobile": False},
+    )
+    try:
+        shot = driver.execute_cdp_cmd(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "fromSurface": True}
+        )
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    return base64.b64decode(shot["data"])
+
+
+def test_diagnosis_page_renders_in_chromium(driver: Any, tmp_path: Path) -> None:
+    model = make_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    retrieval = RetrievalResult(
+        scores=torch.rand(2, 4, generator=gen, dtype=torch.float64),
+        task="niah_single_number",
+        length=64,
+        samples=2,
+        seed=0,
+        accuracy=0.5,
+    )
+    d = diagnose(
+        model,
+        prompt_ids(64, seed=2),
+        config=StatsConfig(query_start=8, map_size=16),
+        map_heads=MAP_HEADS,
+        retrieval=retrieval,
+        model_name="tiny-llama",
+        source="random ids",
+    )
+    page = write_report(d, tmp_path, command="kvsieve diagnose --model tiny")
+    driver.get(page.resolve().as_uri())
+    assert driver.execute_script("return document.readyState") == "complete"
+    assert "kvsieve diagnose" in driver.title
+
+    charts = driver.execute_script(
+        "return Array.from(document.querySelectorAll('.chart svg')).map(s => {"
+        "  const r = s.getBoundingClientRect();"
+        "  return {id: s.closest('.chart').dataset.chart, w: r.width, h: r.height,"
+        "          marks: s.querySelectorAll('.cell, .bar').length};"
+        "});"
+    )
+    ids = [c["id"] for c in charts]
+    want = (
+        [f"heat-{s}" for s in (*HEAD_STATS, "retrieval")] + [f"map-{a}.{b}" for a, b in MAP_HEADS] + ["massive-ratio"]
+    )
+    assert sorted(ids) == sorted(want), ids
+    for c in charts:
+        assert c["w"] > 100 and c["h"] > 100, c
+        assert c["marks"] > 0, c
+    heat = next(c for c in charts if c["id"] == "heat-sink0")
+    assert heat["marks"] == 2 * 4  # one cell per layer and head
+
+    overflow = driver.execute_script(
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0
+    sections = driver.execute_script("return Array.from(document.querySelectorAll('section')).map(s => s.id)")
+    assert sections == ["summary", "heatmaps", "maps", "sinks", "massive", "retrieval"]
+
+    png = _full_page_png(driver)
+    assert png.startswith(b"\x89PNG")
+    shot = tmp_path / "diagnosis.png"
+    shot.write_bytes(png)
+    shutil.copyfile(shot, SCREENSHOT_COPY)
+
+    severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not severe, severe
