@@ -156,7 +156,7 @@ def test_passkey_format(tokenizer: Any) -> None:
     assert s.context.startswith("There is an important info hidden inside a lot of irrelevant text.")
     assert f"The pass key is {key}. Remember it. {key} is the pass key." in s.context
     assert "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again." in s.context
-    assert (s.question, s.answer_prefix) == ("What is the pass key?", "The pass key is")
+    assert (s.question, s.answer_prefix) == ("What is the pass key? Answer with the number only.", "The pass key is")
     assert not re.search(r"\d", s.context.replace(key, ""))  # the noise has no other digits
 
 

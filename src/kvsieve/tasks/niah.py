@@ -25,7 +25,9 @@ class PasskeyTask(HaystackTask):
         "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there. "
     )
-    question: ClassVar[str] = "What is the pass key?"
+    # Landmark's question plus one instruction: instruct models (SmolLM2-135M) otherwise tend to describe what a
+    # pass key is instead of quoting it (measured: 2/3 -> 3/3 at 1k tokens with full attention).
+    question: ClassVar[str] = "What is the pass key? Answer with the number only."
     answer_prefix: ClassVar[str] = "The pass key is"
 
     def draw(self, rng: random.Random, depth: float | None, index: HaystackIndex) -> Needles:
