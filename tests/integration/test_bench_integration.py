@@ -20,7 +20,7 @@ def test_bench_writes_rows_resumes_and_reports(smollm2, tmp_path):
     assert [r["method"] for r in rows] == ["full", "snapkv", "streaming_llm"]
     full, snap = rows[0], rows[1]
     assert full["kv_bytes"] == full["kv_bytes_full"]
-    # the bytes held are the tokens kept: int(n * 0.5) of n context tokens, 30 layers x 3 KV heads x 64 dims x K,V x fp32
+    # bytes held = tokens kept, int(n * 0.5) of n context tokens, x 30 layers x 3 KV heads x 64 dims x K,V x fp32
     assert snap["kv_bytes"] == int(snap["context_tokens"] * 0.5) * 30 * 3 * 64 * 2 * 4
     for r in rows:
         assert set(r) >= {"method", "method_params", "compression", "task", "length", "depth", "mode", "score",
