@@ -295,3 +295,25 @@ def test_chunked_prefill_bounds_the_cache(llama):
             SieveLayer.commit = original
     assert peak == 32 + 25
     assert cache.kv_tokens() == [32, 32]
+
+
+def test_merge_runs_per_head_when_a_headwise_policy_splits_the_layer(llama):
+    """A method that both allocates per head and merges gets ``merge`` once per KV head on the splitting eviction."""
+    from kvsieve.methods.adakv import AdaKV
+
+    calls = []
+
+    class MergingAdaKV(AdaKV):
+        def merge(self, obs, keep):
+            calls.append((obs.head_start, obs.keys.shape[1], keep.shape))
+            keys = obs.keys.gather(2, keep[..., None].expand(-1, -1, -1, obs.keys.shape[-1])) * 0 + 1.0
+            values = obs.values.gather(2, keep[..., None].expand(-1, -1, -1, obs.values.shape[-1]))
+            return keys, values
+
+    method = MergingAdaKV(inner=kvsieve.build("snapkv"))
+    with Sieve(method, budget=8).attach(llama) as cache, torch.no_grad():
+        llama(prompt_ids(40), past_key_values=cache)
+    assert [c[:2] for c in calls] == [(0, 1), (1, 1)] * 2  # two layers, two KV heads each
+    for layer in cache.sieve_layers():
+        assert len(layer.segments) == 2
+        assert all(bool((seg.keys == 1.0).all()) for seg in layer.segments)  # the merged keys were written

@@ -242,6 +242,11 @@ class Session:
             keep = method.select([score for _, score in scores], target)
             merged = _merged(method, scores, keep)
             layer.keep(keep)
+            if len(merged) != len(layer.segments):  # per-head picks of equal length were stored as one segment
+                done = [m for m in merged if m is not None]
+                merged = [None]
+                if len(done) == len(keep):
+                    merged = [(torch.cat([m[0] for m in done], dim=1), torch.cat([m[1] for m in done], dim=1))]
             for seg, update in zip(layer.segments, merged, strict=False):
                 if update is not None:
                     seg.keys, seg.values = update
@@ -293,9 +298,24 @@ class Session:
 
 def _merged(method, scores, keep) -> list:
     """The method's merged (keys, values) for each segment's kept tokens, computed before the gather."""
-    if len(keep) != len(scores):  # a head-wise policy split one segment into per-head ones: no merging there
-        return [None] * len(keep)
+    if len(keep) != len(scores):  # a head-wise policy splits the one segment into per-head ones: merge per head
+        (obs, _), = scores
+        return [method.merge(_head_view(obs, h), idx) for h, idx in enumerate(keep)]
     return [method.merge(obs, idx) for (obs, _), idx in zip(scores, keep, strict=True)]
+
+
+def _head_view(obs: Observation, h: int) -> Observation:
+    """The observation of KV head ``h`` alone (views, no copies)."""
+    g = obs.group_size
+    kv, qs = slice(h, h + 1), slice(h * g, (h + 1) * g)
+    return Observation(
+        layer_idx=obs.layer_idx, n_layers=obs.n_layers, keys=obs.keys[:, kv], values=obs.values[:, kv],
+        queries=obs.queries[:, qs], positions=obs.positions[:, kv],
+        valid=None if obs.valid is None else obs.valid[:, kv],
+        attention=None if obs.attention is None else obs.attention[:, qs],
+        state={k: v[:, kv] for k, v in obs.state.items()}, n_new=obs.n_new, scaling=obs.scaling,
+        budget=obs.budget, layer_state=obs.layer_state, shared=obs.shared, head_start=obs.head_start + h,
+    )
 
 
 def _gather_reads(index, keys, values, valid, bias):
