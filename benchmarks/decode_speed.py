@@ -3,8 +3,9 @@
 For every dtype and context length the prompt (a passkey haystack cut to exactly ``context`` tokens) is prefilled once
 (:class:`kvsieve.snapshot.PrefillSnapshot`); each configuration (``full`` and every method x read budget) then
 decodes ``--steps`` greedy tokens from its own copy of that cache, after ``--warmup`` untimed steps. Configurations
-run in turn, ``--repeats`` rounds, so slow drifts of a shared machine hit them alike. Per-token times are means over
-the timed steps (not medians: Recycled Attention's periodic full steps are part of its cost; the default 10 steps
+take turns step by step, so bursts of load on a shared machine hit them alike, and the whole is repeated
+``--repeats`` times; each step's time is the fastest of its rounds, and a configuration's per-token time is the mean
+over its steps (not a median: Recycled Attention's periodic full steps are part of its cost; the default 10 steps
 hold one of them). A context at the model's window is shortened by the decoded tokens, so they fit.
 
 Measured per decoding step, all in the same run:
@@ -19,9 +20,10 @@ Reported: ratios to ``full`` of the same context and dtype (``step x`` = full st
 the attention share ``s`` of full's step, and the Amdahl bound ``1 / ((1 - s) + s * x)`` for the read fraction
 ``x = budget / context`` (what the method could reach if its attention took exactly ``x`` of full's), with
 ``bound'`` the same bound for the share ``s'`` of the step that reading can shrink (``attn - append``). ``of bound``
-is how much of the bound's speedup the method gets: ``(step x - 1) / (bound - 1)``.
+is how much of that speedup the method gets: ``(step x - 1) / (bound' - 1)``.
 
-    python benchmarks/decode_speed.py                      # default: 4k and 8k, budgets 256/512/1024, float32
+    python benchmarks/decode_speed.py --threads 1          # 4k and 8k, budgets 256/512/1024, float32: ~11 min on
+                                                           # a 2-core VM shared with other jobs (--repeats 1: ~7)
     python benchmarks/decode_speed.py --contexts 4096 --steps 8 --dtype float32,bfloat16
 
 bfloat16 runs where the machine computes it natively (CUDA, or a CPU with AVX512-BF16/AMX); elsewhere it is skipped
@@ -31,6 +33,8 @@ with a note (``--force-dtypes`` runs it anyway, emulated and slow).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import time
 from collections import defaultdict
@@ -81,17 +85,63 @@ class Timers:
 
 
 @contextmanager
-def instrumented(timers: Timers, method):
-    """Time ``Session.attend``, ``SieveLayer.commit`` and ``method.reads`` while the block runs."""
-    attend, commit, reads = sieve_module.Session.attend, SieveLayer.commit, method.reads
+def instrumented(timers: Timers, methods: list):
+    """Time ``Session.attend``, ``SieveLayer.commit`` and each method's ``reads`` while the block runs."""
+    attend, commit = sieve_module.Session.attend, SieveLayer.commit
     sieve_module.Session.attend = timers.wrap("attn", attend)
     SieveLayer.commit = timers.wrap("append", commit)
-    method.reads = timers.wrap("select", reads)
+    for method in methods:
+        method.reads = timers.wrap("select", method.reads)
     try:
         yield
     finally:
         sieve_module.Session.attend, SieveLayer.commit = attend, commit
-        del method.reads
+        for method in methods:
+            del method.reads
+
+
+def tune_malloc() -> str:
+    """Let glibc keep freed buffers instead of returning them to the OS.
+
+    The cache grows by ``torch.cat`` (a fresh copy per layer and step); by default glibc serves such multi-MB buffers
+    with mmap and unmaps them on free, so every copy also page-faults its pages in, which on a small shared VM costs
+    more than the copy. Full attention and every method append alike; this keeps that cost from drowning the reads.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return "malloc not tuned (no libc found)"
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30) and libc.mallopt(-2, 64 << 20)
+    except (OSError, AttributeError):
+        return "malloc not tuned (not glibc)"
+    return "glibc malloc tuned: mmap threshold 32 MiB, trim threshold 1 GiB" if ok else "malloc tuning refused"
+
+
+def fast_gather_reads(index, keys, values, valid, bias):
+    """Drop-in for ``kvsieve.sieve._gather_reads`` (``--fast-gather``, an experiment for a core change): the same
+    tokens in the same order, but gathered with ``index_select`` on rows of the flattened cache (``gather`` with an
+    index expanded over the head dimension is several times slower on CPU), and the newest token found by sorting
+    instead of by boolean masking."""
+    b, h, _ = index.shape
+    t, d = keys.shape[2], keys.shape[3]
+    index = index.sort(dim=-1).values  # the newest token has the largest index: if listed, it is last
+    listed = index[..., -1] == t - 1
+    twice = index.shape[-1] > 1 and bool((index[..., -2] == t - 1).any())
+    if not bool(listed.any()):
+        index = torch.cat([index, index.new_full((b, h, 1), t - 1)], dim=-1)
+    elif twice or not bool(listed.all()):  # rows differ, or duplicates: the core's general path
+        return sieve_module._core_gather_reads(index, keys, values, valid, bias)
+    rows = (index + torch.arange(b * h, device=index.device).view(b, h, 1) * t).reshape(-1)
+    keys = keys.reshape(b * h * t, d).index_select(0, rows).view(b, h, -1, d)
+    values = values.reshape(b * h * t, values.shape[-1]).index_select(0, rows).view(b, h, -1, values.shape[-1])
+    if valid is not None:
+        valid = valid.gather(2, index)
+    if bias is not None:
+        g = bias.shape[1] // index.shape[1] if bias.shape[1] > 1 else 1
+        idx = index.repeat_interleave(g, dim=1) if bias.shape[1] > 1 else index[:, :1]
+        bias = bias.expand(index.shape[0], -1, -1, -1).gather(3, idx[:, :, None, :].expand(-1, -1, bias.shape[2], -1))
+    return keys, values, valid, bias
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -113,27 +163,41 @@ def prompt_ids(tokenizer, context: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(model, snapshot: PrefillSnapshot, spec: str, budget: int | None, steps: int, warmup: int, timers: Timers):
-    """Per-step times (step, attn, append, select) in seconds for ``steps`` timed steps, plus method stats."""
-    method = build(spec)
-    sieve = Sieve(method) if budget is None else Sieve(method, budget=budget)
-    cache = snapshot.compress(method, None)
-    logits = snapshot.last_logits
-    rows = []
-    with sieve.attach(model), instrumented(timers, method):
+def decode_round(model, snapshot: PrefillSnapshot, configs: list, steps: int, warmup: int, timers: Timers):
+    """One round: every configuration decodes from its own copy of the prefilled cache, interleaved step by step
+    (so a burst of load on a shared machine hits all of them alike).
+
+    Returns, per configuration, ``steps`` rows ``(step, attn, append, select)`` in seconds and the method's stats.
+    """
+    runs = []
+    for spec, budget in configs:
+        method = build(spec)
+        sieve = Sieve(method) if budget is None else Sieve(method, budget=budget)
+        runs.append(
+            {
+                "method": method,
+                "sieve": sieve,
+                "cache": snapshot.compress(method, None),
+                "logits": snapshot.last_logits,
+                "rows": [],
+            }
+        )
+    with instrumented(timers, [r["method"] for r in runs]):
         for i in range(warmup + steps):
-            token = logits.argmax(-1, keepdim=True)
-            timers.reset()
-            timers.sync()
-            t0 = time.perf_counter()
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            timers.sync()
-            step = time.perf_counter() - t0
-            if i >= warmup:
-                rows.append((step, timers.totals["attn"], timers.totals["append"], timers.totals["select"]))
-    stats = method_stats(cache)
-    del cache
-    return rows, stats
+            for run in runs:
+                token = run["logits"].argmax(-1, keepdim=True)
+                with run["sieve"].attach(model):
+                    timers.reset()
+                    timers.sync()
+                    t0 = time.perf_counter()
+                    out = model(input_ids=token, past_key_values=run["cache"], use_cache=True, logits_to_keep=1)
+                    timers.sync()
+                    step = time.perf_counter() - t0
+                run["logits"] = out.logits[:, -1]
+                if i >= warmup:
+                    t = timers.totals
+                    run["rows"].append((step, t["attn"], t["append"], t["select"]))
+    return [(run["rows"], method_stats(run["cache"])) for run in runs]
 
 
 def method_stats(cache) -> str:
@@ -160,7 +224,12 @@ def run(args: argparse.Namespace) -> None:
     methods = [m for m in args.methods.split(",") if m]
     contexts = [int(c) for c in args.contexts.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
-    print(f"device {device}, torch threads {torch.get_num_threads()}, model {args.model}")
+    notes = tune_malloc() if args.tune_malloc else "malloc not tuned (--no-tune-malloc)"
+    if args.fast_gather:
+        sieve_module._core_gather_reads = sieve_module._gather_reads
+        sieve_module._gather_reads = fast_gather_reads
+        notes += "; EXPERIMENT: the core's _gather_reads replaced by index_select (--fast-gather)"
+    print(f"device {device}, torch threads {torch.get_num_threads()}, model {args.model}; {notes}")
     print(f"steps {args.steps} timed + {args.warmup} warmup per configuration, {args.repeats} round(s)\n")
     results = []
     for dtype_name in args.dtype.split(","):
@@ -177,15 +246,21 @@ def run(args: argparse.Namespace) -> None:
             snapshot = PrefillSnapshot(model, ids, [])
             print(f"[{dtype_name} {context}] prefill of {length} tokens: {time.perf_counter() - t0:.1f} s")
             configs = [("full", None)] + [(m, b) for m in methods for b in budgets if b < length]
-            rows: dict[tuple[str, int | None], list] = defaultdict(list)
+            rounds: dict[tuple[str, int | None], list] = defaultdict(list)
             stats: dict[tuple[str, int | None], str] = {}
             timers = Timers(device)
             for _ in range(args.repeats):
-                for spec, budget in configs:
-                    got, stat = decode(model, snapshot, spec, budget, args.steps, args.warmup, timers)
-                    rows[(spec, budget)] += got
-                    stats[(spec, budget)] = stat
+                for config, (got, stat) in zip(
+                    configs, decode_round(model, snapshot, configs, args.steps, args.warmup, timers), strict=True
+                ):
+                    rounds[config].append(got)
+                    stats[config] = stat
             del snapshot
+            # per step, the fastest round (load bursts only ever slow a step down); then the mean over steps
+            rows = {
+                c: [tuple(map(min, zip(*same, strict=True))) for same in zip(*r, strict=True)]
+                for c, r in rounds.items()
+            }
             results.append((dtype_name, length, configs, rows, stats))
             report(dtype_name, length, configs, rows, stats)
         del model
@@ -245,10 +320,21 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="method specs, comma-separated (no commas)")
     parser.add_argument("--steps", type=int, default=10, help="timed decoding steps per configuration and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed decoding steps before the timed ones")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds over all configurations")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds; each step's time is its fastest round")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or both, comma-separated")
     parser.add_argument("--force-dtypes", action="store_true", help="run bfloat16 even where it is emulated")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--fast-gather",
+        action="store_true",
+        help="experiment: gather the selected keys/values with index_select instead of the core's gather",
+    )
+    parser.add_argument(
+        "--no-tune-malloc",
+        dest="tune_malloc",
+        action="store_false",
+        help="keep glibc's default malloc thresholds (see tune_malloc)",
+    )
     run(parser.parse_args())
 
 

@@ -135,3 +135,12 @@ def test_adakv_splits_the_layer_budget_across_heads_by_score():
     lengths = [p.shape[-1] for p in picks]
     assert sum(lengths) == 8
     assert lengths[1] > lengths[0] >= 1  # the safeguard gives the concentrated head at least 1 token
+
+
+@pytest.mark.parametrize(
+    "spec", ["adakv:snapkv", "adakv(alpha_safeguard=0.1):snapkv(window=16)", "h2o", "streaming_llm(n_sink=0)"]
+)
+def test_spec_round_trips(spec):
+    method = build(spec)
+    assert method.spec() == spec
+    assert build(method.spec()).params() == method.params()

@@ -359,6 +359,14 @@ def test_recycled_attention_alternates_full_and_recycled_steps():
     assert kinds == ["full", "partial", "partial", "full", "partial", "partial", "full"]
 
 
+def test_recycled_attention_with_stride_one_is_full_attention_at_any_budget(llama):
+    ids = prompt_ids(40)
+    ref = run_steps(llama, DynamicCache(config=llama.config), ids)
+    with Sieve("recycled_attention(stride=1)", budget=8).attach(llama) as cache:
+        got = run_steps(llama, cache, ids)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+
+
 def test_recycled_attention_query_similarity_triggers_a_refresh():
     method = build("recycled_attention(stride=0, similarity=0.9)")
     keys = torch.randn(1, 1, 30, 4)

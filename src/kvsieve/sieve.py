@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AttentionInterface
@@ -258,8 +258,8 @@ class Session:
         q, keys, values, valid = obs.n_new, obs.keys, obs.values, obs.valid
         bias = self.method.logit_bias(obs)
         if self.method.selects and q == 1:
-            obs.budget = self.read_budget(obs.keys.shape[2])
-            index = self.method.reads(obs)
+            # the read budget goes to `reads` alone: obs.budget stays the eviction budget for the other hooks
+            index = self.method.reads(replace(obs, budget=self.read_budget(obs.keys.shape[2])))
             if index is not None:
                 keys, values, valid, bias = _gather_reads(index, keys, values, valid, bias)
         t = keys.shape[2]

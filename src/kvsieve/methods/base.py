@@ -7,7 +7,7 @@ that accumulate evidence over steps (H2O, A2SF) also implement :meth:`Method.obs
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -140,8 +140,8 @@ class Method:
 
     def spec(self) -> str:
         """The canonical string that :func:`kvsieve.methods.build` parses back into this method."""
-        defaults = type(self)()._plain_params() if _has_defaults(type(self)) else {}
-        changed = {k: v for k, v in self._plain_params().items() if defaults.get(k, object()) != v}
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}  # type: ignore[arg-type]
+        changed = {k: v for k, v in self._plain_params().items() if defaults.get(k, MISSING) != v}
         args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
         head = f"{self.name}({args})" if args else self.name
         inner = getattr(self, "inner", None)
@@ -149,14 +149,6 @@ class Method:
 
     def _plain_params(self) -> dict:
         return {k: v for k, v in self.params().items() if not isinstance(v, dict)}
-
-
-def _has_defaults(cls: type) -> bool:
-    try:
-        cls()
-    except TypeError:
-        return False
-    return True
 
 
 def check_sinks_fit(tokens: int, n_sink: int, what: str) -> None:

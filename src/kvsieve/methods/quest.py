@@ -9,7 +9,8 @@ layers (2 in the paper) attend to everything, because their attention is too dif
 Pages are indexed by held token: page ``p`` is tokens ``[p * page_size, (p + 1) * page_size)``, and the partially
 filled last page counts as a page. The min/max of the pages are kept per layer and updated incrementally (only the
 last, growing page is recomputed at each step); they are rebuilt from the keys only when the held tokens changed
-(composed with eviction).
+(composed with eviction). They take ``2 / page_size`` of the key bytes (1/8 at 16; up to twice that in spare
+capacity) in the layer's method state, which ``cache.kv_bytes()`` does not count.
 """
 
 from __future__ import annotations
