@@ -397,17 +397,22 @@ class MixedSegment(PackedSegment):
         return k, v
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self._dense_fp()
-        b, h, t, d = keys.shape
+        return self._rebuild(self.fk, self.qk, self.ck), self._rebuild(self.fv, self.qv, self.cv)
+
+    def _rebuild(self, fp_rows: torch.Tensor, q_rows: dict, norm: torch.Tensor | None) -> torch.Tensor:
+        """Dense ``(B, h, T, D)``: full-precision rows as they are, quantised rows dequantised and de-normalised."""
+        b, h, t = self.cls.shape
+        flat = self.cls.reshape(-1)
+        out = torch.empty(b * h * t, self.d, dtype=torch.float32, device=self.cls.device)
+        out[flat == FP] = fp_rows.to(torch.float32)
         for c in (LOW, HIGH):
-            where = self.cls == c
-            if not bool(where.any()):
-                continue
-            nk = self.ck.expand(b, h, t, d)[where].float()
-            nv = self.cv.expand(b, h, t, d)[where].float()
-            keys[where] = (dequantize(*self.qk[c], self.bits[c], d) * nk).to(self.dtype)
-            values[where] = (dequantize(*self.qv[c], self.bits[c], d) * nv).to(self.dtype)
-        return keys, values
+            rows = q_rows[c]
+            if rows[0].shape[0]:
+                out[flat == c] = dequantize(*rows, self.bits[c], self.d)
+        out = out.view(b, h, t, self.d)
+        if norm is not None:  # quantised rows live in the normalised domain
+            out = torch.where((self.cls != FP)[..., None], out * norm.to(torch.float32), out)
+        return out.to(self.dtype)
 
     def nbytes(self) -> int:
         quantized = [t for c in (LOW, HIGH) for rows in (self.qk[c], self.qv[c]) for t in rows]

@@ -105,7 +105,11 @@ class HeadProfile:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        data = self.to_dict()
+        rows = data.pop("retrieval")
+        text = json.dumps(data, indent=1)[:-2]  # one layer per line below, so the file reads as a table
+        body = ",\n".join("  " + json.dumps(row) for row in rows)
+        path.write_text(f'{text},\n "retrieval": [\n{body}\n ]\n}}\n')
         return path
 
     @classmethod

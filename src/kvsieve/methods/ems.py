@@ -10,7 +10,8 @@ Importance" (2024).
 - Evict-then-merge, per head. The top ``budget`` tokens are kept and act as class centres. Of the tokens that do not
   fit, the highest-scoring ``merge_ratio`` share are to-be-merged (TBM) tokens and the rest are evicted outright.
   Each TBM token is assigned to the class centre it is most similar to, similarity being the product of the cosine
-  similarities of keys and of values (redundancy shows in both); below ``threshold`` it goes to the *zero class*.
+  similarities of keys and of values (redundancy shows in both; negative cosines count as 0, so a token opposite to a
+  centre in both is not taken for a duplicate); below ``threshold`` it goes to the *zero class*.
   Centres absorb their TBM tokens as score-weighted averages: values are averaged, keys are averaged in direction and
   keep the centre's norm.
 - Zero class: every TBM token of every head gets a target index, a real centre ``0..k-1`` or the extra index ``k``,
@@ -146,9 +147,9 @@ def evict_then_merge(
     cv = values.gather(2, keep[..., None].expand(-1, -1, -1, d)).to(torch.float32)
     mk = keys.gather(2, tbm[..., None].expand(-1, -1, -1, d)).to(torch.float32)
     mv = values.gather(2, tbm[..., None].expand(-1, -1, -1, d)).to(torch.float32)
-    sim = (F.normalize(mk, dim=-1) @ F.normalize(ck, dim=-1).transpose(-1, -2)) * (
-        F.normalize(mv, dim=-1) @ F.normalize(cv, dim=-1).transpose(-1, -2)
-    )  # (B, h, m, k)
+    cos_k = F.normalize(mk, dim=-1) @ F.normalize(ck, dim=-1).transpose(-1, -2)  # (B, h, m, k)
+    cos_v = F.normalize(mv, dim=-1) @ F.normalize(cv, dim=-1).transpose(-1, -2)
+    sim = cos_k.clamp(min=0.0) * cos_v.clamp(min=0.0)  # opposite keys and values are not redundant
     best, nearest = sim.max(dim=-1)
     n_centres = keep.shape[-1]
     target = torch.where((best > threshold) & real, nearest, torch.full_like(nearest, n_centres))  # zero class = k

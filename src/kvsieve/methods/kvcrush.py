@@ -33,8 +33,8 @@ from .pyramidkv import Wrapper
 class KVCrush(Wrapper):
     """Wraps ``inner`` (default SnapKV): ``share`` of the budget goes to one representative per signature group.
 
-    share: fraction of each head's budget for representatives. anchor: "alternate", "mean" or "random". seed: for
-    the random anchor.
+    share: fraction of each head's budget for representatives (our default; the paper varies it). anchor:
+    "alternate", "mean" or "random". seed: for the random anchor.
     """
 
     share: float = 0.2

@@ -155,7 +155,8 @@ def merge_states(shallow: torch.Tensor, deep: torch.Tensor, t: float, gamma: flo
     a, b = shallow.to(torch.float32), deep.to(torch.float32)
     na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
     ea, eb = a / na.clamp(min=1e-30), b / nb.clamp(min=1e-30)
-    distance = torch.acos((ea * eb).sum(dim=-1).clamp(-1.0, 1.0)) / math.pi  # (B, h, T), in [0, 1]
+    # angle from the chord (accurate near 0, exactly 0 for equal directions), as a share of pi: (B, h, T) in [0, 1]
+    distance = 2.0 * torch.asin(((ea - eb).norm(dim=-1) / 2.0).clamp(max=1.0)) / math.pi
     usable = (na[..., 0] > 0) & (nb[..., 0] > 0)
     if valid is not None:
         usable = usable & valid

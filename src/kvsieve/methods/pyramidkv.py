@@ -6,10 +6,13 @@ attend broadly and keep more tokens, upper layers attend to a few and keep fewer
 layers is the model-wide budget ``b`` (kvpress's ``PyramidKVPress``, ``beta = 20``). Budgets are rounded so that
 they sum to exactly ``L x b``. The scorer is the wrapped method (SnapKV in the paper, the default here).
 
-Simplifications: the paper (and kvpress) cap the largest budget at the prompt length minus the observation window
-and shift the rest to the other layers; ``layer_budget`` does not receive the number of tokens a layer holds, so a
-layer whose pyramid budget exceeds what it holds simply keeps everything (at compression below about 0.5 the lower
-layers then hold fewer than their share, and the mean is below ``b``).
+As in kvpress, the largest budget is capped at the tokens seen minus the inner method's observation window (the
+smallest raised to keep the mean), and budgets become uniform when that inverts them (low compression).
+
+Simplifications: ``layer_budget`` is not given the number of tokens seen, so the method reads it from the observation
+of an earlier layer in the same pass; the first compressed layer of each pass, which has none, uses the uncapped
+pyramid (where the cap would bind, it keeps everything instead of all but the window). kvpress's fallback to
+uniform budgets when the smallest budget is below the window is not applied.
 
 Also home of :class:`Wrapper`, the delegating base the other wrappers (kvcrush, kivi, zipcache, minicache) share.
 """
@@ -94,19 +97,31 @@ def packs(method: Method | None) -> bool:
     return False
 
 
-def pyramid_budgets(budget: int, n_layers: int, beta: float) -> list[int]:
-    """Per-layer budgets, largest first, decreasing linearly, summing to ``budget x n_layers`` (each at least 1)."""
+def pyramid_budgets(budget: int, n_layers: int, beta: float, context: int | None = None, window: int = 0) -> list[int]:
+    """Per-layer budgets, largest first, decreasing linearly, summing to ``budget x n_layers`` (each at least 1).
+
+    ``context``: tokens the layers have seen, if known. As in kvpress, the largest budget is then capped at
+    ``context - window`` and the smallest raised to keep the mean; if that inverts them, budgets are uniform.
+    """
     if n_layers == 1:
         return [budget]
     low = budget / beta
     high = 2 * budget - low
+    if context is not None and high > context - window:
+        high = context - window
+        low = 2 * budget - high
+        if low > high:
+            return [budget] * n_layers
     step = (high - low) / (n_layers - 1)
     exact = [high - i * step for i in range(n_layers)]
-    out = [int(x) for x in exact]
-    # largest remainders get the leftover tokens, so the total is exact
-    for i in sorted(range(n_layers), key=lambda i: exact[i] - out[i], reverse=True)[: budget * n_layers - sum(out)]:
+    out = [max(1, int(x)) for x in exact]
+    total = budget * n_layers
+    # largest remainders get the leftover tokens (or the largest layers give back an excess), so the total is exact
+    for i in sorted(range(n_layers), key=lambda i: exact[i] - out[i], reverse=True)[: max(0, total - sum(out))]:
         out[i] += 1
-    return [max(1, x) for x in out]
+    while sum(out) > total:
+        out[out.index(max(out))] -= 1
+    return out
 
 
 @register
@@ -128,7 +143,15 @@ class PyramidKV(Wrapper):
         super().__post_init__()
         if not self.beta >= 1:
             raise KVSieveError(f"beta must be at least 1 (kvpress uses 20), got {self.beta}")
+        self._seen: tuple[int, int] | None = None  # (layer, tokens seen) of the last observation
+
+    def observe(self, obs: Observation) -> None:
+        super().observe(obs)
+        self._seen = (obs.layer_idx, int(obs.positions.max()) + 1)
 
     def layer_budget(self, budget: int, layer_idx: int, n_layers: int) -> int:
         budget = self._in.layer_budget(budget, layer_idx, n_layers)
-        return pyramid_budgets(budget, n_layers, self.beta)[layer_idx]
+        # tokens seen, known once an earlier layer of this pass has been observed (every layer sees the same tokens)
+        seen = self._seen[1] if self._seen is not None and self._seen[0] < layer_idx else None
+        window = int(getattr(self._in, "window", 0) or 0)
+        return pyramid_budgets(budget, n_layers, self.beta, seen, window)[layer_idx]

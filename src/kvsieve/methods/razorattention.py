@@ -37,9 +37,9 @@ class RazorAttention(HeadwiseRetention):
     retrieval scores (Wu et al. 2024), ``ratio`` of the KV heads (GQA: a KV head is a retrieval head if any of its
     query heads is). The paper keeps ``max(S0, N/C)`` recent tokens; here the recent window is the sieve's budget
     (``budget=N`` or ``compression=r``). The compensation token is built from keys as stored (RoPE applied at their
-    own positions), like the paper's post-rotary cache. Limitation of the current core: when a layer first splits
-    into per-head storage (a layer holding both kinds of heads), the core does not call ``merge``, so tokens dropped
-    at that first eviction are not folded into the compensation token; later evictions are.
+    own positions), like the paper's post-rotary cache. ``PrefillSnapshot.compress`` (the benchmark's shared prefill)
+    replays only observe/score/select, so a snapshot-built cache has no compensation token content: run the method
+    through ``Sieve`` to get it.
     """
 
     ratio: float = 0.15
@@ -98,7 +98,7 @@ class RazorAttention(HeadwiseRetention):
             new.append(updated.gather(2, keep[..., None].expand(-1, -1, -1, d)))
         unchanged = count.gather(2, slot[..., None])[..., 0]
         merged = torch.where(n_dropped > 0, n_old + n_dropped.to(count.dtype), unchanged)
-        obs.state[COUNT] = count.scatter(2, slot[..., None], merged[..., None])
+        count.scatter_(2, slot[..., None], merged[..., None])  # in place: also right for a per-head view
         return new[0], new[1]
 
     def logit_bias(self, obs: Observation) -> torch.Tensor | None:
