@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     scores = det.scores
     n_heads = scores.numel()
     order = sorted(range(n_heads), key=lambda i: (-float(scores.flatten()[i]), i))
-    print(f"\ndetection: {det.samples} samples, model accuracy {det.accuracy:.2f}, {time.perf_counter() - t0:.0f} s")
+    how = "saved detection" if args.from_profile is not None else f"detection, {time.perf_counter() - t0:.0f} s"
+    print(f"\n{how}: {det.samples} samples, model accuracy {det.accuracy:.2f}")
     for thr in (0.1, 0.3, 0.5):
         print(f"  heads with retrieval score > {thr}: {int((scores > thr).sum())} of {n_heads}")
     print("  top heads (layer.head: score):")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvsieve.attention import causal_allowed
+from kvsieve.cli import main
 from kvsieve.diagnose import AttentionProfiler, HeadProfile, ProfileError, StatsConfig, masked_heads
 from kvsieve.diagnose.diagnosis import default_map_heads, diagnose
 from kvsieve.diagnose.profile import load_profile, shipped_profile_path
@@ -427,3 +428,18 @@ def test_calibration_changes_outputs_on_a_tiny_model(llama):
     _, ref = run_prompt(llama, Sieve("full"), ids)
     _, zt = run_prompt(llama, Sieve("zerotuning(gamma=0.2)"), ids)
     assert not torch.equal(zt, ref)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["diagnose", "--text-file", "/nonexistent/notes.txt"], "does not exist"),
+        (["diagnose", "--heads", "14-3"], "layer.head pairs"),
+        (["diagnose", "--task", "no_such_task"], "unknown task"),
+        (["diagnose", "--length", "1"], "at least 2 tokens"),
+    ],
+)
+def test_diagnose_cli_rejects_bad_input_before_loading_the_model(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -7,21 +7,27 @@ layers 0-2, and the sink sitting on token 0 itself (first 4 tokens ~ token 0).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from kvsieve.diagnose import StatsConfig, diagnose, load_profile
+from kvsieve.cli import main
+from kvsieve.diagnose import load_profile
 from kvsieve.diagnose.cli import default_text
 from kvsieve.methods import build
 from kvsieve.sieve import Sieve
 
 
 @pytest.fixture(scope="module")
-def profile(smollm2):
-    model, tok = smollm2
-    ids = default_text(tok, 1000)
-    assert ids.shape == (1, 1000)
-    return diagnose(model, ids, tokenizer=tok, config=StatsConfig(query_start=100), model_name="smollm2-135m")
+def profile(smollm2, tmp_path_factory):
+    """``kvsieve diagnose`` with its defaults (1000 tokens of pydoc prose, queries >= 100), read back from JSON."""
+    out = tmp_path_factory.mktemp("diagnose")
+    assert main(["diagnose", "--out", str(out), "--json"]) == 0
+    assert (out / "diagnosis.html").stat().st_size > 10_000
+    data = json.loads((out / "diagnosis.json").read_text())
+    assert data["input"]["n_tokens"] == 1000 and data["input"]["query_start"] == 100
+    return data
 
 
 def test_sink_profile_matches_the_measured_one(profile):
@@ -57,22 +63,22 @@ def test_head_methods_hold_full_kv_only_for_retrieval_heads(smollm2, name):
     model, tok = smollm2
     method = build(name)
     retrieval = load_profile(None).top_kv_heads(method.ratio)  # (30, 3) bool
-    ids = default_text(tok, 600)
+    ids = default_text(tok, 400)
     budget = 64
     with Sieve(method, budget=budget).attach(model) as cache, torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     for layer, kept in enumerate(cache.kv_tokens()):
         per_head = kept if isinstance(kept, list) else [kept] * 3
-        want = [600 if bool(retrieval[layer, h]) else budget for h in range(3)]
+        want = [400 if bool(retrieval[layer, h]) else budget for h in range(3)]
         assert per_head == want, (layer, per_head, want)
     n_full = int(retrieval.sum())
     bytes_per_token_head = 2 * 64 * 4  # K and V, head_dim 64, fp32
-    assert cache.kv_bytes() == (n_full * 600 + (90 - n_full) * budget) * bytes_per_token_head
+    assert cache.kv_bytes() == (n_full * 400 + (90 - n_full) * budget) * bytes_per_token_head
 
 
 def test_calibration_with_neutral_parameters_is_full_attention_on_smollm2(smollm2):
     model, tok = smollm2
-    ids = default_text(tok, 200)
+    ids = default_text(tok, 120)
     outs = []
     for spec in ("full", "zerotuning(gamma=1.0)", "act(beta=1.0)"):
         with Sieve(spec).attach(model) as cache, torch.no_grad():

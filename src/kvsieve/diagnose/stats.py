@@ -50,6 +50,8 @@ HEAD_STATS = (
     "output_norm",
 )
 
+_PER_ROW = ("sink0", "first_k", "local", "entropy", "entropy_norm", "dormant_frac", "output_norm")  # means over rows
+
 
 @dataclass(frozen=True)
 class StatsConfig:
@@ -138,7 +140,7 @@ class AttentionProfiler(Method):
             map_sum=torch.zeros(hq, m, m, dtype=torch.float64, device=dev),
             map_rows=torch.zeros(m, dtype=torch.float64, device=dev),
         )
-        sums = {s: torch.zeros(hq, dtype=torch.float64, device=dev) for s in HEAD_STATS}
+        sums = {s: torch.zeros(hq, dtype=torch.float64, device=dev) for s in _PER_ROW}
         for start in range(0, n, cfg.chunk):
             stop = min(start + cfg.chunk, n)
             r = stop - start

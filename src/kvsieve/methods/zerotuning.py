@@ -160,7 +160,7 @@ class ZeroTuning(Calibration):
     ``benchmarks/calibration.py`` measures a sweep of them on the bench tasks.
     """
 
-    gamma: float = 0.7
+    gamma: float = 0.5
 
     name = "zerotuning"
     paper = "Han et al. 2025, arXiv:2505.11739"
