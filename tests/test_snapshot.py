@@ -55,3 +55,14 @@ def test_snapshot_refuses_a_method_it_did_not_record():
     snap = PrefillSnapshot(model, prompt_ids(20), [build("knorm")])
     with pytest.raises(ValueError, match="did not record"):
         snap.compress(build("snapkv"), Budget(compression=0.5))
+
+
+def test_snapshot_refuses_methods_it_cannot_replay():
+    from kvsieve.snapshot import shareable
+
+    assert shareable(build("snapkv")) and shareable(build("adakv:snapkv"))
+    assert not shareable(build("zerotuning"))  # biases attention during the prefill itself
+    model = make_model("llama")
+    snap = PrefillSnapshot(model, prompt_ids(20), [build("knorm")])
+    with pytest.raises(ValueError, match="on its own"):
+        snap.compress(build("zerotuning"), None)

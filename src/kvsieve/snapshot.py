@@ -54,6 +54,15 @@ class _Recorder(Method):
         return self.name
 
 
+def shareable(method: Method) -> bool:
+    """Whether :meth:`PrefillSnapshot.compress` reproduces ``method`` exactly.
+
+    A method that biases attention (its prefill differs), merges evicted tokens or repacks storage has hooks the
+    replay does not run, so it must prefill on its own.
+    """
+    return all(getattr(type(method), hook) is getattr(Method, hook) for hook in ("logit_bias", "merge", "pack"))
+
+
 class PrefillSnapshot:
     """A prompt run once through ``model`` with a full cache, plus the statistics ``methods`` need.
 
@@ -77,6 +86,11 @@ class PrefillSnapshot:
 
     def compress(self, method: Method, budget: Budget | None) -> SieveCache:
         """A new cache holding what ``method`` keeps under ``budget`` (``None``: everything, for ``full``)."""
+        if not shareable(method):
+            raise ValueError(
+                f"{method.spec()} biases attention, merges or repacks the cache, which a shared prefill cannot "
+                "replay; run it on its own (kvsieve.prefill under its Sieve)"
+            )
         request = method.attention_request(True) if method.evicts else None
         if request is not None and request not in self.recorder.requests:
             raise ValueError(f"this snapshot did not record {request}; pass {method.spec()} when creating it")

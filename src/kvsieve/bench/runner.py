@@ -29,7 +29,7 @@ import kvsieve
 from ..errors import KVSieveError
 from ..methods import Method, build
 from ..sieve import Sieve
-from ..snapshot import PrefillSnapshot
+from ..snapshot import PrefillSnapshot, shareable
 from ..tasks import DEFAULT_TASK_MIX, Sample, get_task
 
 DEFAULT_METHODS = ["full", "streaming_llm", "h2o", "snapkv", "tova", "knorm", "random"]
@@ -177,14 +177,16 @@ class Runner:
         else:
             prefill_ids, follow = torch.cat([prompt.context, prompt.question], dim=1), prompt.answer_prefix
         snapshot = None
-        if self.config.shared_prefill:
-            snapshot = PrefillSnapshot(self.model, prefill_ids, [m for m, _, _ in todo])
+        shared = [m for m, _, _ in todo if shareable(m)] if self.config.shared_prefill else []
+        if shared:
+            snapshot = PrefillSnapshot(self.model, prefill_ids, shared)
         out = []
         for method, budget, row in todo:
             sieve = Sieve(method, **budget)
+            use_snapshot = snapshot is not None and shareable(method)
             with sieve.attach(self.model) as fresh:
                 t0 = time.perf_counter()
-                if snapshot is not None:
+                if use_snapshot:
                     cache = snapshot.compress(method, sieve.budget if method.evicts else None)
                     prefill_seconds = snapshot.prefill_seconds + (time.perf_counter() - t0)
                     logits = snapshot.last_logits
@@ -203,7 +205,7 @@ class Runner:
                 kv_bytes_full=_full_bytes(self.model, int(prefill_ids.shape[1])),
                 prefill_seconds=prefill_seconds,
                 decode_seconds_per_token=decode_seconds,
-                shared_prefill=snapshot is not None,
+                shared_prefill=use_snapshot,
                 timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
             )
             self._append(row)
