@@ -366,6 +366,23 @@ def test_ems_changes_kept_values_on_a_model_and_keeps_the_budget(llama):
         assert not torch.equal(a.segments[0].values, b.segments[0].values)  # ...but merged into
 
 
+def test_adakv_keeps_the_wrapped_methods_merging(llama):
+    """adakv reallocates budgets across heads; the inner method's merge still runs, per head."""
+    caches = {}
+    for spec in ("adakv:ems(window=4, threshold=-1.0)", "adakv:ems(window=4, merge_ratio=0.0)"):
+        with Sieve(spec, budget=12).attach(llama) as caches[spec], torch.no_grad():
+            llama(prompt_ids(40), past_key_values=caches[spec])
+    merged, evicted = caches.values()
+    for a, b in zip(merged.sieve_layers(), evicted.sieve_layers(), strict=True):
+        assert sum(a.tokens_per_head()) == 24 and a.tokens_per_head() == b.tokens_per_head()
+        assert any(not torch.equal(x.values, y.values) for x, y in zip(a.segments, b.segments, strict=True))
+
+
+def test_adakv_refuses_a_selective_read_method_inside():
+    with pytest.raises(KVSieveError, match="quest\\(read_budget=256\\):adakv:snapkv"):
+        build("adakv:quest")
+
+
 # --- kvcrush ------------------------------------------------------------------------------------------------------
 def test_kvcrush_groups_identical_signatures_together():
     rows = [[1, 0, 1], [0, 0, 0], [1, 0, 1], [1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 0, 1], [0, 0, 0], [1, 1, 1]]

@@ -62,6 +62,9 @@ def test_snapshot_refuses_methods_it_cannot_replay():
 
     assert shareable(build("snapkv")) and shareable(build("adakv:snapkv"))
     assert not shareable(build("zerotuning"))  # biases attention during the prefill itself
+    # wrappers that only pass hooks on are as shareable as what they wrap
+    assert shareable(build("tokenselect")) and shareable(build("quest(read_budget=64):snapkv"))
+    assert not shareable(build("kivi:snapkv")) and not shareable(build("kivi:adakv:snapkv"))
     model = make_model("llama")
     snap = PrefillSnapshot(model, prompt_ids(20), [build("knorm")])
     with pytest.raises(ValueError, match="on its own"):

@@ -20,7 +20,7 @@ import torch
 from . import attention as attn
 from .attention import AttentionRequest
 from .cache import Segment, SieveCache, SieveLayer
-from .methods.base import Method, Observation
+from .methods.base import Method, Observation, overrides
 from .rope import find_inv_freq
 from .sieve import Budget, Sieve
 
@@ -60,7 +60,7 @@ def shareable(method: Method) -> bool:
     A method that biases attention (its prefill differs), merges evicted tokens or repacks storage has hooks the
     replay does not run, so it must prefill on its own.
     """
-    return all(getattr(type(method), hook) is getattr(Method, hook) for hook in ("logit_bias", "merge", "pack"))
+    return not any(overrides(method, hook) for hook in ("logit_bias", "merge", "pack"))
 
 
 class PrefillSnapshot:

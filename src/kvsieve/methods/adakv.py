@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import AttentionRequest
+from ..cache import Segment
 from ..errors import KVSieveError
 from . import register
-from .base import Method, Observation
+from .base import Method, Observation, overrides
 
 
 @register
@@ -37,6 +38,7 @@ class AdaKV(Method):
     family = "budget wrapper"
     paper = "Feng et al. 2024, arXiv:2407.11550"
     needs = "the wrapped method's needs"
+    delegates = ("logit_bias", "merge", "pack")
 
     def __post_init__(self) -> None:
         if self.inner is None:
@@ -45,6 +47,11 @@ class AdaKV(Method):
             raise KVSieveError(
                 "adakv gives heads different lengths, which position re-rotation cannot index; "
                 "wrap a method that keeps original positions, e.g. adakv:streaming_llm(rerotate=False)"
+            )
+        if overrides(self.inner, "reads"):
+            raise KVSieveError(
+                f"adakv allocates what an evicting method keeps; {self.inner.spec()} selects reads instead. Compose "
+                f"the other way round, e.g. quest(read_budget=256):adakv:snapkv"
             )
         if not (0.0 <= self.alpha_safeguard <= 1.0):
             raise KVSieveError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
@@ -63,6 +70,16 @@ class AdaKV(Method):
 
     def score(self, obs: Observation) -> torch.Tensor:
         return self.inner.score(obs)
+
+    # merging, storage and attention bias stay the inner method's (merge runs per head after the head-wise split)
+    def logit_bias(self, obs: Observation) -> torch.Tensor | None:
+        return self.inner.logit_bias(obs)
+
+    def merge(self, obs: Observation, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.inner.merge(obs, keep)
+
+    def pack(self, segment: Segment) -> Segment:
+        return self.inner.pack(segment)
 
     def select(self, scores: list[torch.Tensor], budget: int) -> list[torch.Tensor]:
         """One ``(1, 1, k_h)`` index tensor per KV head, the ``k_h`` summing to ``budget x heads``."""

@@ -76,6 +76,10 @@ class Method:
     # Methods make it a dataclass field where it is a choice; wrappers delegate it to the method they wrap.
     rerotate = False
 
+    # Hooks this class implements only by passing them to ``inner`` (wrappers): they change nothing themselves, so
+    # :func:`overrides` looks through them to the wrapped method.
+    delegates: ClassVar[tuple[str, ...]] = ()
+
     @property
     def streams(self) -> bool:
         """True if the method can run past the model's window (positions stay within the cache)."""
@@ -149,6 +153,17 @@ class Method:
 
     def _plain_params(self) -> dict:
         return {k: v for k, v in self.params().items() if not isinstance(v, dict)}
+
+
+def overrides(method: Method | None, hook: str) -> bool:
+    """True if ``method`` or a method it wraps implements ``hook`` itself, rather than inheriting the default or only
+    delegating it to ``inner`` (e.g. ``overrides(build("kivi:snapkv"), "pack")`` is True)."""
+    while method is not None:
+        owner = next(cls for cls in type(method).__mro__ if hook in vars(cls))
+        if owner is not Method and hook not in vars(owner).get("delegates", ()):
+            return True
+        method = getattr(method, "inner", None)
+    return False
 
 
 def check_sinks_fit(tokens: int, n_sink: int, what: str) -> None:

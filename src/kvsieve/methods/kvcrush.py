@@ -24,7 +24,7 @@ import torch
 
 from ..errors import KVSieveError
 from . import register
-from .base import Method
+from .base import Method, overrides
 from .pyramidkv import Wrapper
 
 
@@ -132,8 +132,4 @@ def representatives(groups: torch.Tensor, scores: torch.Tensor, n_groups: int) -
 
 def _has_policy(method: Method | None) -> bool:
     """True if ``method`` or a method it wraps replaces the selection policy (adakv, kvcrush)."""
-    while method is not None:
-        if type(method).select not in (Method.select, Wrapper.select):
-            return True
-        method = getattr(method, "inner", None)
-    return False
+    return overrides(method, "select")

@@ -28,7 +28,7 @@ from ..attention import AttentionRequest
 from ..cache import Segment
 from ..errors import KVSieveError
 from . import build, register
-from .base import Method, Observation
+from .base import Method, Observation, overrides
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Wrapper(Method):
     inner: Method | None = None
 
     default_inner: ClassVar[str | None] = "snapkv"
+    delegates: ClassVar[tuple[str, ...]] = ("select", "reads", "logit_bias", "merge", "pack")
 
     def __post_init__(self) -> None:
         if self.inner is None and self.default_inner is not None:
@@ -90,11 +91,7 @@ class Wrapper(Method):
 
 def packs(method: Method | None) -> bool:
     """True if ``method`` or a method it wraps transforms storage in ``pack`` (quantisation, layer sharing)."""
-    while method is not None:
-        if type(method).pack not in (Method.pack, Wrapper.pack):
-            return True
-        method = getattr(method, "inner", None)
-    return False
+    return overrides(method, "pack")
 
 
 def pyramid_budgets(budget: int, n_layers: int, beta: float, context: int | None = None, window: int = 0) -> list[int]:

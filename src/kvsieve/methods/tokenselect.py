@@ -16,7 +16,7 @@ helpers that map a selection onto held tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ class SelectiveMethod(Method):
     needs = "queries and keys at decode time"
     evicts = False  # made True per instance when an evicting inner method is composed (see __post_init__)
     selects = True
+    # logit_bias only records the eviction budget for the inner method (see below): it changes no attention
+    delegates: ClassVar[tuple[str, ...]] = ("select", "logit_bias", "merge", "pack")
 
     def __post_init__(self) -> None:
         check_read_budget(self.read_budget, self.name)

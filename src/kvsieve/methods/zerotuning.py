@@ -64,6 +64,7 @@ class Calibration(Method):
     heads: Any = "all"
 
     family = "calibration"
+    delegates = ("select", "reads", "merge", "pack")  # the cache is the inner method's; the bias is this method's
 
     def __post_init__(self) -> None:
         self._heads = parse_heads(self.heads)
