@@ -272,4 +272,19 @@ def test_sample_record(tokenizer: Any) -> None:
     assert s.context.endswith("\n\n") and not s.question.startswith((" ", "\n"))
     d = s.to_dict()
     assert d["answers"] == s.answers and d["meta"]["expected_occurrences"] == s.meta["expected_occurrences"]
-    assert s.max_new_tokens == TASKS["niah_multivalue"].max_new_tokens
+    assert s.max_new_tokens <= 128
+
+
+def test_niah_allowance_is_the_answers_tokens_plus_slack(tokenizer: Any) -> None:
+    for name in ("niah_single_number", "niah_single_uuid", "niah_multivalue"):
+        s = generate(tokenizer, name, 500)[0]
+        need = sum(len(tokenizer(" " + a, add_special_tokens=False).input_ids) + 16 for a in s.answers)
+        assert s.max_new_tokens == min(128, need), name
+    assert generate(tokenizer, "passkey", 500)[0].max_new_tokens == TASKS["passkey"].max_new_tokens
+
+
+def test_a_prediction_that_scores_one_is_settled(tokenizer: Any) -> None:
+    task = TASKS["niah_multikey"]
+    s = generate(tokenizer, "niah_multikey", 500)[0]
+    assert not task.settled(s, "I do not know")
+    assert task.settled(s, f"it is {s.answers[0]} and more")

@@ -26,6 +26,10 @@ def test_bench_writes_rows_resumes_and_reports(smollm2, tmp_path):
         assert set(r) >= {"method", "method_params", "compression", "task", "length", "depth", "mode", "score",
                           "kv_bytes", "prefill_seconds", "decode_seconds_per_token", "model", "versions", "seed"}
         assert 0.0 <= r["score"] <= 1.0
+    # full attention finds the needle at 512 tokens, and decoding stops once the answer is there (score settled)
+    answer = full["answers"][0]
+    assert full["score"] == 1.0
+    assert len(full["prediction"]) - (full["prediction"].find(answer) + len(answer)) <= 2, full["prediction"]
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3
     # a second run skips every row already there

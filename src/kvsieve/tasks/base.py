@@ -198,6 +198,18 @@ class Task(ABC):
         """Fraction of ``sample.answers`` contained (case-insensitive) in ``prediction``, in [0, 1]."""
         return string_match_all(prediction, sample.answers)
 
+    def settled(self, sample: Sample, prediction: str) -> bool:
+        """True when generating more text cannot change the score, so decoding may stop early.
+
+        String match only grows as text is appended, so a prediction that already scores 1 keeps scoring 1. A task
+        whose metric could fall with more text must return False here.
+        """
+        return self.score(sample, prediction) >= 1.0
+
+    def tokens_to_generate(self, tokenizer: Any, answers: list[str]) -> int:
+        """The generation allowance of a sample with these answers (default: the task's :attr:`max_new_tokens`)."""
+        return self.max_new_tokens
+
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
 
@@ -214,6 +226,7 @@ class Task(ABC):
         seed: int,
         index: int,
         meta: dict[str, Any],
+        max_new_tokens: int | None = None,
     ) -> Sample:
         if abs(n_tokens - length) > max(1, LENGTH_TOLERANCE * length):
             raise TaskError(
@@ -226,7 +239,7 @@ class Task(ABC):
             question=question,
             answers=answers,
             answer_prefix=answer_prefix,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             length=length,
             n_tokens=n_tokens,
             depth=depth,
@@ -336,6 +349,7 @@ class HaystackTask(Task):
             seed=seed,
             index=index,
             meta=meta,
+            max_new_tokens=self.tokens_to_generate(tokenizer, spec.answers),
         )
 
 

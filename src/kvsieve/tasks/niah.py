@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import random
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from kvsieve.tasks.base import HaystackTask, Needles, draw_fresh, seeded_uuid
+from kvsieve.tasks.base import HaystackTask, Needles, count_tokens, draw_fresh, seeded_uuid
 from kvsieve.tasks.haystack import HaystackIndex
 from kvsieve.tasks.words import ADJECTIVES, NOUNS
 
@@ -58,7 +58,13 @@ class NIAHTask(HaystackTask):
     ``num_keys`` needles with distinct ``adjective-noun`` keys, ``num_values`` values per key, and the first
     ``num_queries`` keys asked. The first needle of the first asked key sits at the sample's depth; the
     others at depths drawn from the seed. Every value and key is checked to be absent from the haystack.
+
+    Generation allowance: each asked value's own tokens plus 16, at most 128 (RULER allots 128 to every NIAH sample).
+    The answer prefix ends right where the values go, so the two differ only for a model that starts a value more
+    than 16 tokens late; the saving is most of the decoding time of a wrong answer (1 value: about 23 tokens).
     """
+
+    slack_per_answer: ClassVar[int] = 16
 
     def __init__(
         self,
@@ -77,6 +83,10 @@ class NIAHTask(HaystackTask):
         self.num_keys = num_keys
         self.num_values = num_values
         self.num_queries = num_queries
+
+    def tokens_to_generate(self, tokenizer: Any, answers: list[str]) -> int:
+        need = sum(count_tokens(tokenizer, " " + a) + self.slack_per_answer for a in answers)
+        return min(self.max_new_tokens, need)
 
     def _value(self, rng: random.Random) -> str:
         if self.value_type == "number":
