@@ -84,7 +84,8 @@ def run_ours(model, tok, samples: list[dict], ratios: list[float]) -> list[dict]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="niah_single_number,qa,variable_tracking")
+    # tasks full attention solves on SmolLM2-135M (it solves no variable_tracking sample, so that one compares nothing)
+    parser.add_argument("--tasks", default="passkey,niah_single_number,qa")
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--ratios", default="0.25,0.5,0.75")

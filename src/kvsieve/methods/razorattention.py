@@ -37,9 +37,8 @@ class RazorAttention(HeadwiseRetention):
     retrieval scores (Wu et al. 2024), ``ratio`` of the KV heads (GQA: a KV head is a retrieval head if any of its
     query heads is). The paper keeps ``max(S0, N/C)`` recent tokens; here the recent window is the sieve's budget
     (``budget=N`` or ``compression=r``). The compensation token is built from keys as stored (RoPE applied at their
-    own positions), like the paper's post-rotary cache. ``PrefillSnapshot.compress`` (the benchmark's shared prefill)
-    replays only observe/score/select, so a snapshot-built cache has no compensation token content: run the method
-    through ``Sieve`` to get it.
+    own positions), like the paper's post-rotary cache. The benchmark's shared prefill cannot replay the compensation,
+    so ``PrefillSnapshot.compress`` refuses this method and the bench gives it its own prefill.
     """
 
     ratio: float = 0.15
