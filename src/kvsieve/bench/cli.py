@@ -46,7 +46,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="sweep method x budget x task and report accuracy, memory and speed",
         description="Runs every method at every budget on generated long-context tasks, appends one row per sample to "
         "OUT/results.jsonl (a rerun skips rows already there), prints a summary table and writes OUT/report.html. "
-        "The defaults are the project's main job: about one prefill plus a second per method and budget per sample.",
+        "The defaults are the project's main job (6 min 48 s measured on 2 CPU cores): one shared prefill per "
+        "sample, then each method's cache and a greedy answer that stops once the score is settled.",
     )
     b.add_argument("--model", default="smollm2-135m",
                    help="embedded model name, HF id or local dir (default: %(default)s)")
