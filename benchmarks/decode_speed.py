@@ -48,7 +48,7 @@ from kvsieve.methods import build
 from kvsieve.models import load_model
 from kvsieve.sieve import Sieve
 from kvsieve.snapshot import PrefillSnapshot
-from kvsieve.tasks import get_task
+from prompts import prompt_ids
 
 METHODS = ("tokenselect", "quest", "tidaldecode", "recycled_attention")
 
@@ -135,13 +135,7 @@ def fast_gather_reads(index, keys, values, valid, bias):
     rows = (index + torch.arange(b * h, device=index.device).view(b, h, 1) * t).reshape(-1)
     keys = keys.reshape(b * h * t, d).index_select(0, rows).view(b, h, -1, d)
     values = values.reshape(b * h * t, values.shape[-1]).index_select(0, rows).view(b, h, -1, values.shape[-1])
-    if valid is not None:
-        valid = valid.gather(2, index)
-    if bias is not None:
-        g = bias.shape[1] // index.shape[1] if bias.shape[1] > 1 else 1
-        idx = index.repeat_interleave(g, dim=1) if bias.shape[1] > 1 else index[:, :1]
-        bias = bias.expand(index.shape[0], -1, -1, -1).gather(3, idx[:, :, None, :].expand(-1, -1, bias.shape[2], -1))
-    return keys, values, valid, bias
+    return (keys, values, *sieve_module.gather_valid_and_bias(index, valid, bias))
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -151,15 +145,6 @@ def bf16_native(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def prompt_ids(tokenizer, context: int) -> torch.Tensor:
-    """A passkey haystack of exactly ``context`` tokens."""
-    sample = get_task("passkey").generate(tokenizer, length=context + 64, n=1, seed=0)[0]
-    ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    if ids.shape[1] < context:
-        raise SystemExit(f"could not build a {context}-token prompt (got {ids.shape[1]})")
-    return ids[:, -context:]
 
 
 @torch.no_grad()

@@ -326,13 +326,18 @@ def _gather_reads(index, keys, values, valid, bias):
     d = keys.shape[-1]
     keys = keys.gather(2, index[..., None].expand(-1, -1, -1, d))
     values = values.gather(2, index[..., None].expand(-1, -1, -1, values.shape[-1]))
+    return (keys, values, *gather_valid_and_bias(index, valid, bias))
+
+
+def gather_valid_and_bias(index, valid, bias):
+    """Padding flags ``(B, h, T)`` and logit bias ``(B|1, h*g|1, q, T)`` of the read tokens ``index`` ``(B, h, k)``."""
     if valid is not None:
         valid = valid.gather(2, index)
     if bias is not None:
         g = bias.shape[1] // index.shape[1] if bias.shape[1] > 1 else 1
         idx = index.repeat_interleave(g, dim=1) if bias.shape[1] > 1 else index[:, :1]
         bias = bias.expand(index.shape[0], -1, -1, -1).gather(3, idx[:, :, None, :].expand(-1, -1, bias.shape[2], -1))
-    return keys, values, valid, bias
+    return valid, bias
 
 
 def _attend_window(module, layer, query, key, value, mask2d, scaling, dropout, kwargs):
