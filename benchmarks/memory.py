@@ -45,7 +45,7 @@ from kvsieve.methods.kivi import kivi_nbytes
 from kvsieve.methods.pyramidkv import pyramid_budgets
 from kvsieve.methods.zipcache import zipcache_nbytes
 from kvsieve.models import load_model
-from kvsieve.tasks import get_task
+from prompts import prompt_ids
 
 LAYERS, KV_HEADS, HEAD_DIM, ELT = 30, 3, 64, 4  # SmolLM2-135M, fp32
 WINDOW = 8192
@@ -63,15 +63,6 @@ METHODS = (
     "zipcache:snapkv",
     "minicache",
 )
-
-
-def prompt_ids(tokenizer, context: int) -> torch.Tensor:
-    """A passkey haystack of exactly ``context`` tokens."""
-    sample = get_task("passkey").generate(tokenizer, length=context + 64, n=1, seed=0)[0]
-    ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    if ids.shape[1] < context:
-        raise SystemExit(f"could not build a {context}-token prompt (got {ids.shape[1]})")
-    return ids[:, -context:]
 
 
 class PeakRSS:
