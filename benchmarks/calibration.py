@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from kvsieve.compat import cache_kwargs
 from kvsieve.diagnose.retrieval import chat_prompt
 from kvsieve.generation import generate
 from kvsieve.models import load_model, model_label
@@ -47,7 +48,7 @@ def teacher_forced(model, tokenizer, prompt_ids: torch.Tensor, answer: str, siev
     n = target.shape[1]
     t0 = time.perf_counter()
     with sieve.attach(model) as cache:
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=n + 1).logits
+        logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=n + 1).logits
     seconds = time.perf_counter() - t0
     logp = logits[0, :-1].float().log_softmax(-1)  # predictions of the n answer tokens
     gold = target[0].to(logp.device)

@@ -58,8 +58,16 @@ def main() -> None:
                     model.model(input_ids=context, past_key_values=cache)
                 seconds = time.perf_counter() - t0
                 out = answer(model, cache, question, context.shape[1], s["max_new_tokens"], set(s["eos"]))
-                rows.append({"method": method, "ratio": ratio, "sample": s["id"], "prediction_ids": out,
-                             "prefill_seconds": seconds, "kv_tokens": cache.get_seq_length()})
+                rows.append(
+                    {
+                        "method": method,
+                        "ratio": ratio,
+                        "sample": s["id"],
+                        "prediction_ids": out,
+                        "prefill_seconds": seconds,
+                        "kv_tokens": cache.get_seq_length(),
+                    }
+                )
     job_path.with_name("job.out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

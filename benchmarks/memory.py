@@ -9,7 +9,8 @@ chunk_size=512)``), then greedily decode ``--decode`` tokens. Each variant runs 
 mix; a background thread samples the process's RSS (psutil) every 2 ms. Reported: KV bytes held at the end, checked
 against ``budget x layers x kv_heads x head_dim x 2 x 4 bytes`` (fp32) for the budgeted variants, and the peak RSS
 during prefill and during decoding, absolute and above the RSS before the prompt (model and runtime loaded), each as
-a ratio to ``full`` of the same context and run.
+a ratio to ``full`` of the same context and run. The bytes *reserved* (held plus the buffers' spare room, see
+:mod:`kvsieve.storage`) are checked against their bound, 1.25 x held + 32 slots per segment.
 
 **Part 2 (bytes per method).** Every method of the eviction/merging/quantisation family (issue 5) prefills one
 ``--methods-context``-token prompt (single pass) at compression ``--compression`` (quantisers and minicache keep every
@@ -40,7 +41,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from kvsieve import Sieve, build, prefill
+from kvsieve import Sieve, build, cache_kwargs, prefill
 from kvsieve.methods.kivi import kivi_nbytes
 from kvsieve.methods.pyramidkv import pyramid_budgets
 from kvsieve.methods.zipcache import zipcache_nbytes
@@ -98,7 +99,7 @@ def child(variant: str, context: int, decode: int, chunk: int, threads: int) -> 
     budget = context // 4
     sieve = Sieve("full") if variant == "full" else Sieve(variant, budget=budget)
     with Sieve("full").attach(model) as warm:  # touch every weight page (safetensors are memory-mapped) first
-        model(input_ids=ids[:, :8], past_key_values=warm, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids[:, :8], **cache_kwargs(model, warm), use_cache=True, logits_to_keep=1)
     del warm
     with sieve.attach(model) as cache:
         baseline = psutil.Process().memory_info().rss
@@ -109,7 +110,9 @@ def child(variant: str, context: int, decode: int, chunk: int, threads: int) -> 
         with PeakRSS() as during_decode:
             for _ in range(decode):
                 nxt = logits.argmax(-1, keepdim=True)
-                logits = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                logits = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[
+                    :, -1
+                ]
         t2 = time.perf_counter()
         tokens = cache.kv_tokens()
         per_layer = [sum(t) if isinstance(t, list) else t * KV_HEADS for t in tokens]
@@ -118,6 +121,7 @@ def child(variant: str, context: int, decode: int, chunk: int, threads: int) -> 
             "context": context,
             "budget": None if variant == "full" else budget,
             "kv_bytes": cache.kv_bytes(),
+            "reserved_bytes": cache.reserved_kv_bytes(),
             "kv_token_heads": sum(per_layer),
             "baseline_rss": baseline,
             "peak_prefill": during_prefill.peak,
@@ -159,6 +163,11 @@ def part_peak(args) -> None:
                 note = f"  {status} budget x layers x heads x dim x 2 x 4 = {expected}"
             else:
                 note = f"  ({context} tokens held)"
+            # spare room of the buffers: at most a quarter of what is held, or 32 slots, per segment (kvsieve.storage)
+            allowed = 1.25 * r["kv_bytes"] + 32 * LAYERS * KV_HEADS * HEAD_DIM * 2 * ELT
+            if r["reserved_bytes"] > allowed:
+                raise SystemExit(f"{r['variant']}: {r['reserved_bytes']} bytes reserved, more than {allowed:.0f}")
+            note += f"; reserved {r['reserved_bytes'] / 2**20:.1f} MB (<= 1.25 x held + 32 slots)"
             grow, grow_full = r["peak_prefill"] - r["baseline_rss"], full["peak_prefill"] - full["baseline_rss"]
             print(
                 f"  {r['variant']:14s} {r['kv_bytes'] / 2**20:8.1f} {r['kv_bytes'] / full['kv_bytes']:7.3f} "
@@ -175,8 +184,7 @@ def promised_bytes(spec: str, cache, n: int, compression: float) -> int:
     dense = KV_HEADS * HEAD_DIM * 2 * ELT  # bytes per token per layer, full precision
     method = build(spec)
     if spec == "pyramidkv":
-        budgets = pyramid_budgets(kept, LAYERS, method.beta, None, 0)[:1]  # the first layer has no token count yet
-        budgets += pyramid_budgets(kept, LAYERS, method.beta, n, method.inner.window)[1:]
+        budgets = pyramid_budgets(kept, LAYERS, method.beta, n, method.inner.window)
         return sum(min(b, n) for b in budgets) * dense
     if spec.startswith("kivi"):
         tokens = kept if method.evicts else n

@@ -17,6 +17,7 @@ import time
 import torch
 
 from kvsieve import Sieve, load_model, prefill
+from kvsieve.compat import cache_kwargs
 
 DEFAULT_METHODS = "full,streaming_llm,h2o,a2sf,snapkv,tova,knorm,random,adakv:snapkv"
 
@@ -30,7 +31,11 @@ def measure(model, ids: torch.Tensor, spec: str, budget: int, steps: int) -> tup
         token = logits.argmax(-1, keepdim=True)
         t1 = time.perf_counter()
         for _ in range(steps):
-            token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, True)
+            token = (
+                model(token, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+                .logits[:, -1]
+                .argmax(-1, True)
+            )
         t_decode = (time.perf_counter() - t1) / steps
     return t_prefill, t_decode
 
@@ -58,8 +63,10 @@ def main() -> None:
             times[spec].append(measure(model, ids, spec, budget, args.steps))
     med = {s: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for s, v in times.items()}
     base_p, base_d = med["full"] if "full" in med else next(iter(med.values()))
-    print(f"model {args.model}, context {args.context}, budget {budget} tokens (compression {args.compression}), "
-          f"{args.steps} decode steps, median of {args.repeats}, {args.threads} threads")
+    print(
+        f"model {args.model}, context {args.context}, budget {budget} tokens (compression {args.compression}), "
+        f"{args.steps} decode steps, median of {args.repeats}, {args.threads} threads"
+    )
     print(f"{'method':<16}{'prefill s':>11}{'/ full':>9}{'decode ms/tok':>15}{'/ full':>9}")
     for spec, (p, d) in med.items():
         print(f"{spec:<16}{p:>11.3f}{p / base_p:>9.2f}{d * 1000:>15.1f}{d / base_d:>9.2f}")

@@ -29,6 +29,7 @@ import torch
 
 from kvsieve import Sieve, load_model, prefill
 from kvsieve.bench.runner import split_prompt
+from kvsieve.compat import cache_kwargs
 from kvsieve.models import converted_dir
 from kvsieve.tasks import get_task
 
@@ -68,17 +69,24 @@ def run_ours(model, tok, samples: list[dict], ratios: list[float]) -> list[dict]
                     logits = prefill(model, ctx, cache)
                     seconds = time.perf_counter() - t0
                     with cache.paused():
-                        logits = model(follow, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+                        logits = model(follow, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
                         out = []
                         for _ in range(s["max_new_tokens"]):
                             token = int(logits[0].argmax())
                             if token in s["eos"]:
                                 break
                             out.append(token)
-                            step = model(torch.tensor([[token]]), past_key_values=cache, logits_to_keep=1)
+                            step = model(torch.tensor([[token]]), **cache_kwargs(model, cache), logits_to_keep=1)
                             logits = step.logits[:, -1]
-                rows.append({"method": spec, "ratio": ratio, "sample": s["id"], "prediction_ids": out,
-                             "prefill_seconds": seconds})
+                rows.append(
+                    {
+                        "method": spec,
+                        "ratio": ratio,
+                        "sample": s["id"],
+                        "prediction_ids": out,
+                        "prefill_seconds": seconds,
+                    }
+                )
     return rows
 
 
@@ -104,19 +112,30 @@ def main() -> None:
             p = split_prompt(tok, sample)
             sid = f"{name}/{i}"
             tasks[sid] = (get_task(name), sample)
-            samples.append({
-                "id": sid, "context_ids": p.context[0].tolist(),
-                "question_ids": torch.cat([p.question, p.answer_prefix], dim=1)[0].tolist(),
-                "max_new_tokens": sample.max_new_tokens, "eos": eos,
-            })
+            samples.append(
+                {
+                    "id": sid,
+                    "context_ids": p.context[0].tolist(),
+                    "question_ids": torch.cat([p.question, p.answer_prefix], dim=1)[0].tolist(),
+                    "max_new_tokens": sample.max_new_tokens,
+                    "eos": eos,
+                }
+            )
 
     python = ensure_venv(Path(args.venv))
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "job.json"
-        spec_file.write_text(json.dumps({
-            "model_dir": str(converted_dir("smollm2-135m")), "samples": samples, "ratios": ratios,
-            "presses": PAIRS, "threads": args.threads,
-        }))
+        spec_file.write_text(
+            json.dumps(
+                {
+                    "model_dir": str(converted_dir("smollm2-135m")),
+                    "samples": samples,
+                    "ratios": ratios,
+                    "presses": PAIRS,
+                    "threads": args.threads,
+                }
+            )
+        )
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
         # alternate the two sides' turns is not possible across processes; theirs runs first, ours right after
         subprocess.run([python, str(ROOT / "benchmarks" / "kvpress_worker.py"), str(spec_file)], check=True, env=env)
@@ -132,8 +151,10 @@ def main() -> None:
         return out
 
     a, b = table(ours), table(theirs)
-    print(f"SmolLM2-135M, {args.length}-token contexts, tasks {args.tasks}, {args.samples} samples each, "
-          f"query-agnostic; score = mean string match x100")
+    print(
+        f"SmolLM2-135M, {args.length}-token contexts, tasks {args.tasks}, {args.samples} samples each, "
+        f"query-agnostic; score = mean string match x100"
+    )
     print(f"{'kvsieve':<15}{'kvpress':<24}{'ratio':>6}{'ours':>8}{'theirs':>8}{'prefill ours/theirs':>22}")
     for (method, ratio), mine in sorted(a.items()):
         other = b[(method, ratio)]

@@ -8,8 +8,11 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 import kvsieve
-from kvsieve import Sieve, prefill
+from kvsieve import Sieve, prefill, rope
 from kvsieve.cache import SieveLayer
+from kvsieve.methods.base import top_slots
+from kvsieve.rope import find_inv_freq as inv_freq
+from kvsieve.storage import max_spare
 from tiny_models import make_model, prompt_ids
 
 # the issue-2 evicting methods; later methods test their own budget rules (head-wise methods keep heads whole)
@@ -35,9 +38,7 @@ def baseline(model, ids, steps=5, chunk=None):
     return run_steps(model, DynamicCache(config=model.config), ids, steps, chunk)
 
 
-@pytest.mark.parametrize(
-    "method", ["full", "snapkv", "h2o", "knorm", "streaming_llm", "streaming_llm(rerotate=False)"]
-)
+@pytest.mark.parametrize("method", ["full", "snapkv", "h2o", "knorm", "streaming_llm", "streaming_llm(rerotate=False)"])
 def test_compression_zero_is_bitwise_baseline(arch_model, method):
     if method == "streaming_llm" and arch_model.config.model_type == "gemma3_text":
         pytest.skip("re-rotation needs all-global layers; Gemma 3 refuses it (tested in test_errors)")
@@ -87,14 +88,34 @@ def test_token_budget_holds_at_every_step(arch_model, method):
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
-def test_compression_ratio_holds_during_prefill_and_decoding(llama, ratio):
+def test_compression_ratio_compresses_the_prompt_then_decoding_appends(llama, ratio):
     ids = prompt_ids(64)
     with Sieve("snapkv", compression=ratio).attach(llama) as cache, torch.no_grad():
         logits = llama(ids, past_key_values=cache).logits
         assert cache.kv_tokens() == [int(64 * (1 - ratio))] * 2
         for step in range(1, 5):
             llama(logits[:, -1:].argmax(-1), past_key_values=cache)
-            assert cache.kv_tokens() == [int((64 + step) * (1 - ratio))] * 2
+            assert cache.kv_tokens() == [int(64 * (1 - ratio)) + step] * 2
+
+
+@pytest.mark.parametrize("interval", [1, 4, 7])
+def test_periodic_budget_holds_at_most_budget_plus_interval_minus_one(llama, interval):
+    budget = 16
+    with Sieve("h2o", budget=budget, interval=interval).attach(llama) as cache, torch.no_grad():
+        logits = llama(prompt_ids(40), past_key_values=cache).logits
+        assert cache.kv_tokens() == [budget] * 2  # a prefill pass always compresses
+        held = []
+        for _ in range(30):
+            logits = llama(logits[:, -1:].argmax(-1), past_key_values=cache).logits
+            held.append(cache.kv_tokens()[0])
+    assert max(held) == budget + interval - 1 and min(held) == budget
+    # evictions come every `interval` steps: the held count climbs budget .. budget + interval - 1, then drops
+    assert (
+        held[: 2 * interval]
+        == [budget + i for i in range(1, interval)]
+        + [budget]
+        + ([budget + i for i in range(1, interval)] + [budget])[: 2 * interval - interval]
+    )
 
 
 def test_kv_bytes_are_real(llama):
@@ -108,8 +129,10 @@ def test_kv_bytes_are_real(llama):
     assert cache.kv_bytes() == expected
     for layer in cache.sieve_layers():
         for seg in layer.segments:
-            for t in (seg.keys, seg.values):
-                assert t.untyped_storage().nbytes() == t.nelement() * t.element_size()
+            for t in (seg.keys, seg.values):  # the buffers' spare room is bounded (see kvsieve.storage)
+                slots = t.untyped_storage().nbytes() // (t.nelement() * t.element_size() // seg.length)
+                assert seg.length <= slots <= seg.length + max_spare(seg.length)
+    assert cache.kv_bytes() <= cache.reserved_kv_bytes() <= expected * 1.25 + 32 * 2 * 2 * head_dim * 2 * 4
 
 
 def test_headwise_budget_frees_memory_per_head(llama):
@@ -123,9 +146,10 @@ def test_headwise_budget_frees_memory_per_head(llama):
     for layer in cache.sieve_layers():
         per_head = layer.tokens_per_head()
         assert sum(per_head) == budget * heads  # the layer's budget, split across heads
-        for seg in layer.segments:
+        for seg in layer.segments:  # per-head buffers: each head's storage is its own
             for t in (seg.keys, seg.values):
-                assert t.untyped_storage().nbytes() == t.nelement() * t.element_size()
+                slots = t.untyped_storage().nbytes() // (t.nelement() * t.element_size() // seg.length)
+                assert seg.length <= slots <= seg.length + max_spare(seg.length)
         total += sum(per_head)
     assert cache.kv_bytes() == total * head_dim * 2 * 4
 
@@ -153,6 +177,8 @@ class Spy(kvsieve.Method):
     def spec(self):
         return "spy"
 
+    own_kind = "evict"
+
 
 @pytest.mark.parametrize("method", ["snapkv", "h2o", "a2sf", "tova", "knorm", "random", "streaming_llm"])
 def test_kept_tokens_are_the_top_k_of_the_score(llama, method):
@@ -162,8 +188,8 @@ def test_kept_tokens_are_the_top_k_of_the_score(llama, method):
         llama(prompt_ids(50), past_key_values=cache)
     assert len(spy.seen) == 2
     for layer_idx, positions, scores in spy.seen:
-        expected = positions.gather(-1, scores.topk(budget, dim=-1).indices).sort(-1).values
-        assert torch.equal(cache.layers[layer_idx].segments[0].positions, expected)
+        expected = positions.gather(-1, top_slots(scores, budget)).sort(-1).values
+        assert torch.equal(cache.layers[layer_idx].segments[0].positions.sort(-1).values, expected)
 
 
 def test_streaming_20k_tokens_keeps_cache_size_constant():
@@ -179,10 +205,12 @@ def test_streaming_20k_tokens_keeps_cache_size_constant():
                 assert cache.kv_bytes() == budget * 2 * 2 * 16 * 2 * 4
     assert sizes == {(budget, budget)}
     assert torch.isfinite(logits).all()
-    assert cache.get_seq_length() == budget  # next position is within the cache, not 20,000
     layer = cache.layers[0]
-    assert layer.seen == 20_000
-    assert layer.segments[0].positions[0, 0, :4].tolist() == [0, 1, 2, 3]  # the sinks survive
+    assert layer.seen == 20_000 and cache.get_seq_length() == 20_000  # stream positions; distances within the cache
+    seg = layer.segments[0]
+    assert seg.positions[0, 0].sort().values[:4].tolist() == [0, 1, 2, 3]  # the sinks survive...
+    sinks = seg.positions < 4
+    assert bool((seg.shift[sinks] == 20_000 - budget).all()) and bool((seg.shift[~sinks] == 0).all())  # ...shifted
 
 
 def test_rerotated_keys_match_a_fresh_run_on_the_kept_tokens():
@@ -194,13 +222,20 @@ def test_rerotated_keys_match_a_fresh_run_on_the_kept_tokens():
         model(ids, past_key_values=cache)
         layer = cache.layers[0]
         seg = layer.segments[0]
-        got, _ = layer.attention_kv(seg)
+        with layer.attention_view(seg) as (keys, _):
+            got = keys.clone()
         kept = seg.positions[0, 0]
     fresh = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids[:, kept], past_key_values=fresh)
     assert kept.tolist() == [0, 1, *range(30, 40)]
-    torch.testing.assert_close(got, fresh.layers[0].keys, rtol=1e-5, atol=1e-5)
+    # RoPE only sees distances: our keys are the fresh run's keys (positions 0..11) moved by the 28 evicted tokens
+    evicted = 40 - 12
+    torch.testing.assert_close(got, rope.rotate(fresh.layers[0].keys, torch.tensor(evicted), inv_freq(model)),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    with Sieve("streaming_llm(n_sink=2)", budget=12).attach(model) as cache, torch.no_grad():
+        model(ids, past_key_values=cache)
+        assert torch.equal(cache.layers[0].segments[0].keys[:, :, 2:], got[:, :, 2:])  # unmoved keys: bit for bit
 
 
 @pytest.mark.parametrize("method", ["random(seed=3)", "snapkv", "a2sf"])
@@ -242,7 +277,7 @@ def test_context_is_restored_after_an_error(llama):
 
 
 def test_forward_without_the_kvsieve_cache_is_an_error(llama):
-    with Sieve("knorm", budget=8).attach(llama), pytest.raises(kvsieve.KVSieveError, match="past_key_values=cache"):
+    with Sieve("knorm", budget=8).attach(llama), pytest.raises(kvsieve.KVSieveError, match="the cache that"):
         llama(prompt_ids(10), past_key_values=DynamicCache(config=llama.config))
 
 

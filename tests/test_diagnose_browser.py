@@ -96,9 +96,9 @@ def test_diagnosis_page_renders_in_chromium(driver: Any, tmp_path: Path) -> None
 
     charts = driver.execute_script(
         "return Array.from(document.querySelectorAll('.chart svg')).map(s => {"
-        "  const r = s.getBoundingClientRect();"
-        "  return {id: s.closest('.chart').dataset.chart, w: r.width, h: r.height,"
-        "          marks: s.querySelectorAll('.cell, .bar').length};"
+        "  const r = s.getBoundingClientRect(), fig = s.closest('.chart');"
+        "  return {id: fig.dataset.chart, w: r.width, h: r.height, spec: JSON.parse(fig.dataset.spec),"
+        "          tips: s.querySelectorAll('title').length};"
         "});"
     )
     ids = [c["id"] for c in charts]
@@ -107,10 +107,14 @@ def test_diagnosis_page_renders_in_chromium(driver: Any, tmp_path: Path) -> None
     )
     assert sorted(ids) == sorted(want), ids
     for c in charts:
-        assert c["w"] > 100 and c["h"] > 100, c
-        assert c["marks"] > 0, c
+        assert c["w"] > 100 and c["h"] > 100, c["id"]
+        assert c["tips"] > 0, c["id"]  # hover tooltips on the marks
+        assert c["spec"].get("grid") or c["spec"].get("series"), c["id"]
     heat = next(c for c in charts if c["id"] == "heat-sink0")
-    assert heat["marks"] == 2 * 4  # one cell per layer and head
+    assert [len(row) for row in heat["spec"]["grid"]] == [4, 4]  # one cell per layer and head
+    assert heat["tips"] == 2 * 4
+    massive = next(c for c in charts if c["id"] == "massive-ratio")
+    assert len(massive["spec"]["series"]["ratio"]) == len(massive["spec"]["groups"]) > 0
 
     overflow = driver.execute_script(
         "return document.documentElement.scrollWidth - document.documentElement.clientWidth"

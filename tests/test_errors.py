@@ -59,14 +59,15 @@ def test_unknown_method_lists_the_known_ones():
         build("snapkvv")
     with pytest.raises(KVSieveError, match="cannot parse"):
         build("snapkv(window=)")
-    with pytest.raises(KVSieveError, match="bad arguments for snapkv"):
+    with pytest.raises(KVSieveError, match="snapkv has no hyperparameter 'windw'; its fields: window, kernel, pooling"):
         build("snapkv(windw=3)")
 
 
 def test_unsupported_architecture():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
-    with pytest.raises(UnsupportedModelError, match=r"unsupported architecture 'gpt2'.*llama"), Sieve("full").attach(
-        model
+    with (
+        pytest.raises(UnsupportedModelError, match=r"unsupported architecture 'gpt2'.*llama"),
+        Sieve("full").attach(model),
     ):
         pass
 
@@ -95,8 +96,9 @@ def test_output_attentions_is_refused():
 
 
 def test_rerotation_refuses_sliding_window_models():
-    with pytest.raises(UnsupportedModelError, match="rerotate=False"), Sieve("streaming_llm", budget=8).attach(
-        make_model("gemma3")
+    with (
+        pytest.raises(UnsupportedModelError, match="rerotate=False"),
+        Sieve("streaming_llm", budget=8).attach(make_model("gemma3")),
     ):
         pass
 
@@ -112,3 +114,41 @@ def test_cli_reports_errors_without_a_traceback(capsys):
     assert "kvsieve: error:" in err and "outside [0, 1)" in err
     assert main(["generate", "--method", "nope", "--budget", "8", "--prompt", "hi"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_cli_usage_errors_are_one_line_too(capsys):
+    """argparse's own errors (a missing or malformed argument) use kvsieve's one-line form and exit code 2."""
+    for argv, fragment in (
+        (["generate"], "one of the arguments --prompt --prompt-file is required"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens: must be at least 1"),
+        (["generate", "--prompt", "hi", "--compression", "half"], "--compression"),
+        (["no-such-command"], "invalid choice"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("kvsieve: error: ") and fragment in err, err
+        assert "--help" in err  # the fix: where the usage is
+
+
+def test_diagnose_checks_map_heads_before_the_forward_pass():
+    from kvsieve.diagnose.diagnosis import diagnose
+
+    model = make_model("llama")
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(KVSieveError, match=r"head 2\.0 does not exist: the model has 2 layers x 4 query heads"):
+            diagnose(model, prompt_ids(40), map_heads=[(1, 3), (2, 0)])
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_masked_heads_names_the_valid_range():
+    from kvsieve.diagnose import masked_heads
+
+    with (
+        pytest.raises(KVSieveError, match=r"heads 0\.4, 5\.0 do not exist.*layer 0-1 and head 0-3"),
+        masked_heads(make_model("llama"), [(0, 4), (5, 0), (1, 1)]),
+    ):
+        pass

@@ -7,7 +7,7 @@ import torch
 
 from kvsieve.attention import AttentionRequest, causal_allowed, column_sums
 from kvsieve.methods import build
-from kvsieve.methods.base import Observation
+from kvsieve.methods.base import LayerContext, Observation
 
 
 def naive_probs(query, keys, scaling, valid=None):
@@ -53,9 +53,18 @@ def test_decayed_column_sums_equal_sequential_a2sf_updates():
 def observation(t=12, h=2, g=2, q=4, budget=6, attention=None, seed=0):
     torch.manual_seed(seed)
     return Observation(
-        layer_idx=0, n_layers=1, keys=torch.randn(1, h, t, 8), values=torch.randn(1, h, t, 8),
-        queries=torch.randn(1, h * g, q, 8), positions=torch.arange(t).expand(1, h, t).clone(), valid=None,
-        attention=attention, state={}, n_new=q, scaling=0.35, budget=budget,
+        layer_idx=0,
+        n_layers=1,
+        keys=torch.randn(1, h, t, 8),
+        values=torch.randn(1, h, t, 8),
+        queries=torch.randn(1, h * g, q, 8),
+        positions=torch.arange(t).expand(1, h, t).clone(),
+        valid=None,
+        attention=attention,
+        state={},
+        n_new=q,
+        scaling=0.35,
+        budget=budget,
     )
 
 
@@ -131,7 +140,7 @@ def test_adakv_splits_the_layer_budget_across_heads_by_score():
     concentrated = torch.full((1, 1, 12), -1.0)
     concentrated[..., :2] = 5.0
     diffuse = torch.linspace(0, 4, 12).view(1, 1, 12)
-    picks = method.select([torch.cat([concentrated, diffuse], dim=1)], budget=4)
+    picks = method.select([torch.cat([concentrated, diffuse], dim=1)], 4, LayerContext(0, 1, 12, 12))
     lengths = [p.shape[-1] for p in picks]
     assert sum(lengths) == 8
     assert lengths[1] > lengths[0] >= 1  # the safeguard gives the concentrated head at least 1 token

@@ -252,8 +252,7 @@ def test_conversion_is_atomic_and_once(monkeypatch: pytest.MonkeyPatch, tmp_path
     calls = _fake_converter(monkeypatch, delay=0.2)
     results: list[Path] = []
     threads = [
-        threading.Thread(target=lambda: results.append(models._ensure_converted(gguf, target, "m")))
-        for _ in range(3)
+        threading.Thread(target=lambda: results.append(models._ensure_converted(gguf, target, "m"))) for _ in range(3)
     ]
     for t in threads:
         t.start()
@@ -281,3 +280,210 @@ def test_failed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_p
     calls = _fake_converter(monkeypatch)
     models._ensure_converted(gguf, target, "m")
     assert len(calls) == 1 and (target / models._MARKER_FILE).is_file()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Broken model directories and hub ids: a clear error before transformers reads anything, no network waits
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_model_dir import save_tiny_model_dir
+
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _copy_dir(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for item in source.iterdir():
+        (target / item.name).write_bytes(item.read_bytes())
+    return target
+
+
+@pytest.fixture
+def no_transformers_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' loaders fail the test: the directory must be refused before they run."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("transformers was asked to load a directory kvsieve should have refused")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
+def test_corrupt_config_json(tiny_dir: Path, tmp_path: Path, no_transformers_load: None) -> None:
+    broken = _copy_dir(tiny_dir, tmp_path / "m")
+    (broken / "config.json").write_text('{"model_type": "llama", ')
+    for load in (models.load_model, models.load_tokenizer, models.load_config):
+        with pytest.raises(KVSieveError, match=r"config\.json is not valid JSON \(.*line 1.*\); re-save"):
+            load(str(broken))
+    (broken / "config.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(KVSieveError, match="not valid JSON"):
+        models.load_model(str(broken))
+    (broken / "config.json").write_text("[1, 2]")
+    with pytest.raises(KVSieveError, match="not an object"):
+        models.load_model(str(broken))
+
+
+def test_unknown_or_missing_model_type(tiny_dir: Path, tmp_path: Path, no_transformers_load: None) -> None:
+    import json
+
+    from kvsieve.errors import UnsupportedModelError
+
+    broken = _copy_dir(tiny_dir, tmp_path / "m")
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": "no_such_architecture"}))
+    with pytest.raises(UnsupportedModelError, match=r"model_type 'no_such_architecture'.*does not know; .*upgrade"):
+        models.load_model(str(broken))
+    del config["model_type"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="has no model_type"):
+        models.load_config(str(broken))
+
+
+def test_directory_without_config_tokenizer_or_weights(
+    tiny_dir: Path, tmp_path: Path, no_transformers_load: None
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json.*smollm2-135m"):
+        models.load_model(str(empty))
+    no_tokenizer = _copy_dir(tiny_dir, tmp_path / "no-tokenizer")
+    for item in no_tokenizer.iterdir():
+        if item.name.startswith(("tokenizer", "chat_template")):
+            item.unlink()
+    for load in (models.load_model, models.load_tokenizer):
+        with pytest.raises(ModelNotFoundError, match=r"no tokenizer files .*tokenizer\.save_pretrained"):
+            load(str(no_tokenizer))
+    no_weights = _copy_dir(tiny_dir, tmp_path / "no-weights")
+    for item in no_weights.glob("*.safetensors"):
+        item.unlink()
+    with pytest.raises(ModelNotFoundError, match="no weight files"):
+        models.load_model(str(no_weights))
+
+
+def test_a_good_directory_still_loads(tiny_dir: Path) -> None:
+    config = models.load_config(str(tiny_dir))
+    assert config.model_type == "llama" and config.num_hidden_layers == 2
+    model, tokenizer = models.load_model(tiny_dir)
+    assert not model.training and tokenizer.pad_token is not None
+
+
+class _NoNetwork:
+    """Every name lookup and connect fails the test, and is recorded."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        import socket
+
+        self.attempts: list[str] = []
+
+        def refuse(address, *args, **kwargs):
+            self.attempts.append(str(address))
+            raise AssertionError(f"network access to {address}")
+
+        monkeypatch.setattr(socket, "getaddrinfo", refuse)
+        monkeypatch.setattr(socket, "create_connection", refuse)
+        monkeypatch.setattr(socket.socket, "connect", lambda sock, address: refuse(address))
+
+
+def test_embedded_models_never_touch_the_network(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading an embedded model reads its converted directory only: no hub probe, no lookup, no connect (here the
+    conversion is replaced by the tiny directory, so nothing is converted)."""
+    network = _NoNetwork(monkeypatch)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_embedded_dir", lambda name: tiny_dir)
+    monkeypatch.setattr(models, "hub_unreachable", lambda *a, **k: pytest.fail("the hub was probed"))
+    for name in models.EMBEDDED_MODELS:
+        model, _ = models.load_model(name)
+        assert model.config.num_hidden_layers == 2
+        models.load_tokenizer(name)
+        models.load_config(name)
+    assert network.attempts == []
+
+
+@pytest.mark.integration
+def test_real_embedded_model_loads_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec(SMOL.module) is None:
+        pytest.skip(f"needs {SMOL.install}")
+    monkeypatch.undo()  # the real cache, not the private one
+    network = _NoNetwork(monkeypatch)
+    model, tokenizer = models.load_model("smollm2-135m")
+    assert model.config.num_hidden_layers == 30 and tokenizer("hi").input_ids
+    assert network.attempts == []
+
+
+def test_hf_hub_offline_reads_only_the_local_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    network = _NoNetwork(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as in a process started with HF_HUB_OFFLINE=1
+    for value in ("1", "true", "YES"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        with pytest.raises(ModelNotFoundError, match=r"HF_HUB_OFFLINE is set.*; pass a local model directory"):
+            models.load_model("kvsieve-tests/no-such-model")
+    assert network.attempts == []
+
+
+def test_unreachable_hub_gives_up_after_one_short_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from huggingface_hub import constants
+
+    calls: list[tuple[str, float | None]] = []
+
+    def unreachable(address, timeout=None, *args, **kwargs):
+        calls.append((address[0], timeout))
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(models, "_probe_memo", {})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)  # huggingface_hub's own one-off lookup
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ModelNotFoundError, match=r"hub is unreachable \(huggingface\.co:443: Connection refused\)"):
+        models.load_model("kvsieve-tests/no-such-model")
+    with pytest.raises(ModelNotFoundError, match="unreachable"):
+        models.load_tokenizer("kvsieve-tests/no-such-model")  # the probe's answer is reused
+    assert calls == [("huggingface.co", models.HUB_PROBE_TIMEOUT)]
+    assert models.HUB_PROBE_TIMEOUT <= 5
+
+
+def test_hub_probe_gives_up_after_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup that hangs (no DNS answer, a dropped SYN) counts as unreachable once the timeout has passed."""
+    import socket
+
+    release = threading.Event()
+
+    def hang(address, timeout=None, *args, **kwargs):
+        release.wait(30)
+        raise OSError("released")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    monkeypatch.setattr(models, "_probe_memo", {})
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+    try:
+        assert models.hub_unreachable(timeout=0.2) == "hub.example.invalid:443: no answer within 0.2 s"
+    finally:
+        release.set()
+
+
+def test_hub_probe_goes_through_the_https_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    seen: list[tuple[str, int]] = []
+
+    def ok(address, timeout=None, *args, **kwargs):
+        seen.append(address)
+        return types.SimpleNamespace(close=lambda: None)
+
+    monkeypatch.setattr(socket, "create_connection", ok)
+    monkeypatch.setattr(models, "_probe_memo", {})
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert models.hub_unreachable() is None
+    assert seen == [("proxy.internal", 3128)]

@@ -8,6 +8,7 @@ test's run directory and copied to ``/tmp/kvsieve_report.png``.
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,15 +78,26 @@ def test_report_renders_in_chromium(driver: Any, tmp_path: Path) -> None:
 
     charts = driver.execute_script(
         "return Array.from(document.querySelectorAll('.chart svg')).map(s => {"
-        "  const r = s.getBoundingClientRect();"
-        "  return {id: s.closest('.chart').dataset.chart, w: r.width, h: r.height,"
-        "          marks: s.querySelectorAll('.series, .bar').length};"
+        "  const r = s.getBoundingClientRect(), fig = s.closest('.chart');"
+        "  return {id: fig.dataset.chart, w: r.width, h: r.height,"
+        "          series: Object.keys(JSON.parse(fig.dataset.spec).series),"
+        "          tips: s.querySelectorAll('title').length, text: s.querySelectorAll('text').length};"
         "});"
     )
     assert len(charts) == CHARTS_WITH_MEMORY, [c["id"] for c in charts]
     for c in charts:
         assert c["w"] > 100 and c["h"] > 100, c
-        assert c["marks"] > 0, c
+        assert c["series"] and c["tips"] > 0 and c["text"] > 0, c  # data, hover tooltips, axis labels
+    score = next(c for c in charts if c["id"] == "score-agnostic-all")
+    assert score["series"] == ["full", "snapkv", "pyramidkv", "adakv:snapkv"]
+
+    # score cells show their interval and n under the score
+    cells = driver.execute_script(
+        "return Array.from(document.querySelectorAll('table.scores td .sub')).map(e => e.textContent)"
+    )
+    assert cells and all(re.fullmatch(r"\[[\d.]+, [\d.]+\] n=\d+", c) for c in cells), [
+        c for c in cells if "n=" not in c
+    ]
 
     # nothing overflows the page sideways
     overflow = driver.execute_script(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsieve import Budget, Sieve, build
+from kvsieve import Budget, KVSieveError, Sieve, build
 from kvsieve.snapshot import PrefillSnapshot
 from tiny_models import make_model, prompt_ids
 
@@ -44,6 +44,7 @@ def test_snapshot_leaves_its_full_cache_intact():
     before = [s.keys.clone() for layer in snap.full_cache.sieve_layers() for s in layer.segments]
     with Sieve("knorm", compression=0.5).attach(model):
         snap.compress(build("knorm"), Budget(compression=0.5))
+    with Sieve("full").attach(model):
         snap.compress(build("full"), None)
     after = [s.keys for layer in snap.full_cache.sieve_layers() for s in layer.segments]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
@@ -53,8 +54,10 @@ def test_snapshot_leaves_its_full_cache_intact():
 def test_snapshot_refuses_a_method_it_did_not_record():
     model = make_model("llama")
     snap = PrefillSnapshot(model, prompt_ids(20), [build("knorm")])
-    with pytest.raises(ValueError, match="did not record"):
+    with Sieve("snapkv", compression=0.5).attach(model), pytest.raises(KVSieveError, match="did not record"):
         snap.compress(build("snapkv"), Budget(compression=0.5))
+    with pytest.raises(KVSieveError, match="inside"):
+        snap.compress(build("knorm"), Budget(compression=0.5))
 
 
 def test_snapshot_refuses_methods_it_cannot_replay():
@@ -64,8 +67,9 @@ def test_snapshot_refuses_methods_it_cannot_replay():
     assert not shareable(build("zerotuning"))  # biases attention during the prefill itself
     # wrappers that only pass hooks on are as shareable as what they wrap
     assert shareable(build("tokenselect")) and shareable(build("quest(read_budget=64):snapkv"))
-    assert not shareable(build("kivi:snapkv")) and not shareable(build("kivi:adakv:snapkv"))
+    # storage methods replay their pack() and merging methods their merge(): the replay runs the same pipeline
+    assert shareable(build("kivi:snapkv")) and shareable(build("kivi:adakv:snapkv")) and shareable(build("ems"))
     model = make_model("llama")
     snap = PrefillSnapshot(model, prompt_ids(20), [build("knorm")])
-    with pytest.raises(ValueError, match="on its own"):
+    with Sieve("zerotuning").attach(model), pytest.raises(KVSieveError, match="on its own"):
         snap.compress(build("zerotuning"), None)

@@ -35,6 +35,7 @@ ALL_TASKS = [
     "common_words",
     "frequent_words",
     "qa",
+    "multi_passkey",
 ]
 DEPTH_TASKS = [name for name in ALL_TASKS if TASKS[name].uses_depth]
 
@@ -210,6 +211,30 @@ def test_qa_fact_and_distractors(tokenizer: Any) -> None:
     assert s.meta["fact"] in s.context and s.meta["entity"] in s.question
     assert s.meta["fact"].startswith(s.answer_prefix) and s.meta["fact"].endswith(s.answers[0] + ".")
     assert len(s.meta["distractors"]) == 8 and all(d in s.context for d in s.meta["distractors"])
+
+
+def test_multi_passkey_asks_every_door_in_reading_order(tokenizer: Any) -> None:
+    task = TASKS["multi_passkey"]
+    for s in generate(tokenizer, "multi_passkey", 2000):
+        assert s.n_questions == task.questions_per_sample == 4 and len(s.followups) == 3
+        keys = [s.for_question(i).answers[0] for i in range(4)]
+        assert keys == s.meta["keys"] and len(set(keys)) == 4
+        offsets = [s.context.find(k) for k in keys]
+        assert offsets == sorted(offsets) and all(s.context.count(k) == 2 for k in keys)
+        assert [s.for_question(i).depth for i in range(1, 4)] == [37.5, 62.5, 87.5]
+        for i, label in enumerate(s.meta["labels"]):
+            view = s.for_question(i)
+            assert label in view.question and view.answer_prefix.endswith(f"the {label} door is")
+            assert view.context == s.context and (view.followups == [] or i == 0)
+            assert task.score(view, f"It is {keys[i]}.") == 1.0
+            assert task.score(view, " ".join(k for j, k in enumerate(keys) if j != i)) == 0.0
+    other = TASKS["multi_passkey"].generate(tokenizer, 2000, 1, 1)[0]
+    assert other.meta["keys"] != generate(tokenizer, "multi_passkey", 2000)[0].meta["keys"]
+
+
+def test_single_question_samples_have_no_followups(tokenizer: Any) -> None:
+    s = generate(tokenizer, "passkey", 500)[0]
+    assert s.n_questions == 1 and s.followups == [] and s.for_question(0) is s
 
 
 # -- haystacks and errors ------------------------------------------------------------------------------

@@ -4,52 +4,54 @@
 >>> model, tokenizer = kvsieve.load_model()                 # the embedded SmolLM2-135M-Instruct
 >>> sieve = kvsieve.Sieve("snapkv", compression=0.5)        # or budget=256 (tokens per layer and head)
 >>> with sieve.attach(model) as cache:
-...     out = model.generate(**tokenizer("...", return_tensors="pt"), past_key_values=cache, max_new_tokens=32)
+...     out = model.generate(**tokenizer("...", return_tensors="pt"), **kvsieve.cache_kwargs(model, cache),
+...                          max_new_tokens=32)
 >>> cache.kv_tokens(), cache.kv_bytes()
+
+Names are imported on first use (PEP 562), so ``import kvsieve`` and ``kvsieve --help`` load neither torch nor
+transformers.
 """
 
-from .cache import SieveCache, SieveLayer
-from .errors import (
-    BudgetError,
-    ContextLengthError,
-    KVSieveError,
-    ModelNotFoundError,
-    UnknownMethodError,
-    UnsupportedModelError,
-)
-from .generation import GenerationResult, generate, prefill
-from .methods import Method, build, list_methods
-from .sieve import Budget, Sieve
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
+_WHERE = {
+    "Budget": "sieve",
+    "Sieve": "sieve",
+    "SieveCache": "cache",
+    "SieveLayer": "cache",
+    "GenerationResult": "generation",
+    "generate": "generation",
+    "prefill": "generation",
+    "Method": "methods",
+    "build": "methods",
+    "list_methods": "methods",
+    "cache_kwargs": "compat",
+    "load_model": "models",
+    "load_tokenizer": "models",
+    "BudgetError": "errors",
+    "ContextLengthError": "errors",
+    "KVSieveError": "errors",
+    "ModelNotFoundError": "errors",
+    "UnknownMethodError": "errors",
+    "UnsupportedModelError": "errors",
+}
+
 
 def __getattr__(name: str):
-    # model loading pulls in gguf/accelerate machinery; import it only when asked for
-    if name in ("load_model", "load_tokenizer"):
-        from . import models
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvsieve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
-        return getattr(models, name)
-    raise AttributeError(f"module 'kvsieve' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
 
 
-__all__ = [
-    "Budget",
-    "BudgetError",
-    "ContextLengthError",
-    "GenerationResult",
-    "KVSieveError",
-    "Method",
-    "ModelNotFoundError",
-    "Sieve",
-    "SieveCache",
-    "SieveLayer",
-    "UnknownMethodError",
-    "UnsupportedModelError",
-    "build",
-    "generate",
-    "list_methods",
-    "load_model",
-    "load_tokenizer",
-    "prefill",
-]
+__all__ = sorted(_WHERE)

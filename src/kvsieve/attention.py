@@ -1,7 +1,10 @@
-"""Attention compute for kvsieve: sdpa output over the kept tokens, and attention statistics chunk by chunk.
+"""Attention compute for kvsieve: the attention-compute action point, masks, and attention statistics.
 
-The function registered with transformers' ``AttentionInterface`` (``sieve_attention``) only finds the active
-:class:`~kvsieve.sieve.Session` and hands the call over; everything here is pure tensor code.
+Everything here is pure tensor code. An :class:`AttentionCall` is what one layer's attention needs for one storage
+segment in one forward pass; :func:`dense` computes it with sdpa (transformers' own sdpa function whenever the mask
+is plain causal, so an uncompressed run is bitwise identical to transformers), :func:`read_selected` attends to a
+subset of the held slots (selective reads), and prefill methods (``Sieve(..., prefill=...)``) replace ``dense`` for
+prefill passes. :func:`block_sparse` computes only the selected query/key blocks.
 
 Layout convention: the new ``q`` tokens of a forward pass are the *last* ``q`` entries of the ``T`` keys a layer
 holds. Key ``j`` is visible to new query ``i`` when ``j <= T - q + i`` (every held token is in the past), the key is
@@ -33,9 +36,7 @@ class AttentionRequest:
     decay: float = 1.0
 
 
-def causal_allowed(
-    q: int, t: int, valid: torch.Tensor | None, rows: slice | None = None, device=None
-) -> torch.Tensor:
+def causal_allowed(q: int, t: int, valid: torch.Tensor | None, rows: slice | None = None, device=None) -> torch.Tensor:
     """Boolean visibility ``(B|1, h|1, r, T)`` of ``T`` keys for new queries ``rows`` (default: all ``q``).
 
     ``valid``: ``(B, h, T)`` flags of real tokens, or None when there is no padding.
@@ -98,6 +99,173 @@ def sdpa_output(
 def needs_mask(q: int, t: int, valid: torch.Tensor | None) -> bool:
     """Whether plain causal sdpa (no mask) would be wrong: padding present, or held tokens before a chunk."""
     return valid is not None or (q > 1 and t != q)
+
+
+@dataclass
+class AttentionCall:
+    """One layer's attention for one storage segment in one forward pass.
+
+    ``query`` ``(B, h*g, q, D)`` (the ``q`` new tokens); ``keys``/``values`` ``(B, h, T, D)``, the new tokens in the
+    last ``q`` slots; ``valid`` ``(B, h, T)`` or None; ``positions`` ``(B, h, T)``; ``bias`` an additive logit bias
+    ``(B|1, h*g|1, q, T)`` or None. Output of every compute: ``(B, q, h*g, D)``.
+    """
+
+    module: torch.nn.Module
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor | None
+    positions: torch.Tensor
+    scaling: float
+    dropout: float = 0.0
+    bias: torch.Tensor | None = None
+    layer_idx: int = 0
+    n_layers: int = 1
+
+    @property
+    def n_new(self) -> int:
+        return self.query.shape[2]
+
+
+def dense(call: AttentionCall) -> torch.Tensor:
+    """Dense causal attention over every held slot (the reference compute)."""
+    q, t = call.n_new, call.keys.shape[2]
+    valid = call.valid
+    allowed = None
+    if needs_mask(q, t, valid) or call.bias is not None:
+        if valid is not None and valid.shape[1] > 1 and bool((valid == valid[:, :1]).all()):
+            valid = valid[:, :1]
+        allowed = causal_allowed(q, t, valid, device=call.query.device)
+    return sdpa_output(call.module, call.query, call.keys, call.values, allowed, call.scaling, call.dropout, call.bias)
+
+
+def decode_with_probs(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding query's attention output and its probabilities ``(B, h*g, T)``, from one pass over the keys.
+
+    Used when a method evicts at a decoding step and needs that step's attention: computing the probabilities
+    beside sdpa would read every key twice. Logits and softmax in fp32; the output in the query's dtype.
+    """
+    query, keys, values = call.query, call.keys, call.values
+    b, hq, _, d = query.shape
+    h, t = keys.shape[1], keys.shape[2]
+    g = hq // h
+    q = query.view(b, h, g, d)
+    f32 = torch.float32
+    logits = (q.to(f32) @ keys.to(f32).transpose(-1, -2)) * call.scaling  # (B, h, g, T)
+    if call.bias is not None:  # (B|1, Hq|1, 1, T) -> (B|1, h|1, g|1, T)
+        bias = call.bias.to(f32)
+        shape = (bias.shape[0], h, g, t) if bias.shape[1] > 1 else (bias.shape[0], 1, 1, t)
+        logits = logits + bias.reshape(shape)
+    if call.valid is not None:
+        allowed = call.valid.clone()
+        allowed[..., -1] = True  # the query's own token
+        logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
+    probs = logits.softmax(dim=-1)
+    out = (probs @ values.to(f32)).to(query.dtype)  # (B, h, g, D)
+    return out.reshape(b, 1, hq, values.shape[-1]), probs.reshape(b, hq, t)
+
+
+def read_selected(call: AttentionCall, index: torch.Tensor) -> torch.Tensor:
+    """Dense attention of one decoding query over the slots ``index`` ``(B, h, k)`` and the newest slot only."""
+    keys, values, valid, bias = gather_reads(index, call.keys, call.values, call.valid, call.bias)
+    t = keys.shape[2]
+    allowed = None
+    if valid is not None or bias is not None:
+        allowed = causal_allowed(1, t, valid, device=call.query.device)
+    return sdpa_output(call.module, call.query, keys, values, allowed, call.scaling, call.dropout, bias)
+
+
+def gather_reads(index, keys, values, valid, bias):
+    """Rows ``index`` ``(B, h, k)`` of the held slots, plus the newest slot (``T - 1``), in slot order.
+
+    Gathers with ``index_select`` on flattened rows (several times faster than ``gather`` on CPU).
+    """
+    b, h, t, _ = keys.shape
+    listed = (index == t - 1).any(dim=-1)
+    if not bool(listed.all()):  # rows that do not list the newest slot get it (the others then list it twice)
+        newest = torch.full((b, h, 1), t - 1, dtype=index.dtype, device=index.device)
+        index = torch.cat([index, newest], dim=-1)
+    index = index.sort(dim=-1).values
+    repeated = torch.zeros(index.shape, dtype=torch.bool, device=index.device)
+    repeated[..., 1:] = index[..., 1:] == index[..., :-1]
+    valid, bias = gather_valid_and_bias(index, valid, bias)
+    if bool(repeated.any()):  # a slot listed twice is attended to once: its copies are masked out
+        valid = ~repeated if valid is None else valid & ~repeated
+    return _select_rows(keys, index), _select_rows(values, index), valid, bias
+
+
+def _select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, index[b, h, j]]`` for ``x`` ``(B, h, T, D)`` and ``index`` ``(B, h, k)``: ``(B, h, k, D)``.
+
+    Uses ``index_select`` on the rows of ``x``'s storage (no copy of ``x``, even when it is a view of a larger
+    buffer), which is several times faster than ``gather`` on CPU.
+    """
+    b, h, t, d = x.shape
+    k = index.shape[-1]
+    s0, s1, s2, s3 = x.stride()
+    s0, s1 = (0 if b == 1 else s0), (0 if h == 1 else s1)  # strides of size-1 dimensions are arbitrary
+    if s3 != 1 or s2 != d or s0 % d or s1 % d:
+        x = x.contiguous()
+        s0, s1 = (0 if b == 1 else x.stride(0)), (0 if h == 1 else x.stride(1))
+    span = ((b - 1) * s0 + (h - 1) * s1) // d + t
+    rows = x.as_strided((span, d), (d, 1))
+    base = torch.arange(b, device=index.device)[:, None] * (s0 // d) + torch.arange(h, device=index.device) * (s1 // d)
+    return rows.index_select(0, (index + base[..., None]).flatten()).view(b, h, k, d)
+
+
+def gather_valid_and_bias(index, valid, bias):
+    """Padding flags ``(B, h, T)`` and logit bias ``(B|1, h*g|1, q, T)`` of the read slots ``index`` ``(B, h, k)``."""
+    if valid is not None:
+        valid = valid.gather(2, index)
+    if bias is not None:
+        g = bias.shape[1] // index.shape[1] if bias.shape[1] > 1 else 1
+        idx = index.repeat_interleave(g, dim=1) if bias.shape[1] > 1 else index[:, :1]
+        bias = bias.expand(index.shape[0], -1, -1, -1).gather(3, idx[:, :, None, :].expand(-1, -1, bias.shape[2], -1))
+    return valid, bias
+
+
+def block_sparse(call: AttentionCall, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Attention computed only on the selected (query block, key block) pairs.
+
+    ``blocks``: ``(B, h*g, nq, nk)`` bool over query blocks of the pass's ``q`` new tokens and key blocks of the ``T``
+    held slots (block ``j`` = slots ``[j * block_size, (j + 1) * block_size)``); the causal mask and padding still
+    apply inside selected blocks, and the key blocks holding a query block's own tokens (the diagonal) are always
+    computed, so no row is empty. Held slots must be in stream order (prefill). Work: one sdpa per query block over
+    the union of its heads' selected key blocks, masked per head, so the cost follows the selected blocks. With every
+    block selected it equals :func:`dense`.
+    """
+    query, keys, values = call.query, call.keys, call.values
+    b, hq, q, _ = query.shape
+    h, t = keys.shape[1], keys.shape[2]
+    g = hq // h
+    nq, nk = -(-q // block_size), -(-t // block_size)
+    if blocks.shape[-2:] != (nq, nk):
+        raise ValueError(f"block mask {tuple(blocks.shape)} does not match {nq} query x {nk} key blocks")
+    out = torch.empty(b, q, hq, values.shape[-1], dtype=query.dtype, device=query.device)
+    offset = t - q  # slot of query 0
+    kj = torch.arange(t, device=query.device)
+    for i in range(nq):
+        rows = slice(i * block_size, min(q, (i + 1) * block_size))
+        own = (offset + rows.start) // block_size, (offset + rows.stop - 1) // block_size
+        wanted = blocks[:, :, i].clone()
+        wanted[..., own[0] : own[1] + 1] = True  # the diagonal block(s): every query sees itself
+        used = wanted.any(dim=0).any(dim=0).nonzero().flatten()  # key blocks any head wants
+        slots = (used[:, None] * block_size + torch.arange(block_size, device=query.device)).flatten()
+        slots = slots[slots < t]
+        k_sel = keys[:, :, slots].repeat_interleave(g, dim=1)
+        v_sel = values[:, :, slots].repeat_interleave(g, dim=1)
+        qi = torch.arange(rows.start, rows.stop, device=query.device) + offset
+        allowed = kj[slots][None, :] <= qi[:, None]  # causal (r, s)
+        per_head = wanted.repeat_interleave(block_size, dim=-1)[..., :t][..., slots]  # (B, Hq, s)
+        mask = allowed[None, None] & per_head[:, :, None, :]
+        if call.valid is not None:
+            real = call.valid[:, :, slots].repeat_interleave(g, dim=1)[:, :, None, :]
+            mask = mask & (real | (kj[slots][None, :] == qi[:, None])[None, None])
+        o = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, rows], k_sel, v_sel, attn_mask=mask, scale=call.scaling
+        )
+        out[:, rows] = o.transpose(1, 2)
+    return out
 
 
 def column_sums(

@@ -1,17 +1,20 @@
-"""Cache layers that hold only the tokens a method keeps.
+"""The kvsieve cache: per-layer objects behind transformers' ``Cache`` interface.
 
 A :class:`SieveLayer` is a transformers ``CacheLayerMixin``: the model's attention module calls ``update`` as with any
-cache, and the kvsieve attention function (``attention.py``) later reads the layer, computes attention, and asks the
-method which tokens to keep. Storage is a list of :class:`Segment` objects:
+cache, and the kvsieve attention function (:mod:`kvsieve.sieve`) then reads the layer, computes attention and runs
+the layer's pipeline (:mod:`kvsieve.pipeline`). Storage is a list of :class:`~kvsieve.storage.Segment` objects:
 
-* one segment covering every KV head while all heads hold the same number of tokens (the usual case), stored as one
-  ``(batch, kv_heads, tokens, head_dim)`` tensor pair like ``DynamicLayer``;
+* one segment covering every KV head while all heads hold the same number of tokens (the usual case);
 * one segment per KV head once a head-wise policy gives heads different budgets, so a head that keeps 40 tokens
-  holds tensors of 40 tokens. Nothing is padded or masked out: the bytes held are the bytes kept.
+  holds buffers of 40 tokens (plus the bounded spare room every segment has). Nothing is padded or masked out.
 
-Beside the keys and values every segment holds, per token, the token's original position, whether it is a real token
-or left padding, and any per-token state of the method (e.g. accumulated attention); eviction gathers all of them
-together, so they never fall out of step.
+Positions. Keys are stored as the model rotated them, at their stream positions (``get_seq_length()`` is the number
+of tokens seen). A layer that *re-indexes positions within the cache* (StreamingLLM; ``rerotate=True``) gives each
+token a ``shift``: the number of evicted tokens that came after it. Attention then reads a token's key rotated by its
+shift. Why that is exact: the query sits at stream position ``s_q = p_q + E`` (``p_q`` its index within the cache,
+``E`` all tokens evicted), a key at ``s_k + shift_k = p_k + E``; RoPE depends only on the difference, which is
+``p_q - p_k``, the paper's in-cache distance. Keys whose shift is 0 (for StreamingLLM every key but the sinks) are
+read bit for bit as the model made them, and rotating from the stored key each time accumulates no error.
 
 Sliding-window layers (Gemma 3) keep transformers' own ``DynamicSlidingWindowLayer``: they already hold at most a
 window of tokens, and methods compress only full-attention layers.
@@ -19,138 +22,25 @@ window of tokens, and methods compress only full-attention layers.
 
 from __future__ import annotations
 
+import copy
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from transformers.cache_utils import (
-    DYNAMIC_LAYER_TYPE_MAPPING,
-    Cache,
-    CacheLayerMixin,
-    get_layer_types_and_kwargs,
-)
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import rope
-from .errors import UnsupportedModelError
-
-
-@dataclass
-class Segment:
-    """Tokens held for a contiguous range of KV heads, all with the same number of tokens.
-
-    Shapes: keys/values ``(B, h, T, D)``; positions ``(B, h, T)`` int64; valid ``(B, h, T)`` bool or None (all real);
-    every tensor in ``state`` is ``(B, h, T)``.
-    """
-
-    head_start: int
-    keys: torch.Tensor
-    values: torch.Tensor
-    positions: torch.Tensor
-    valid: torch.Tensor | None = None
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Re-rotating layers: the position each key was rotated at when it arrived, ``(B, h, T)``; None otherwise.
-    rope_positions: torch.Tensor | None = None
-
-    @property
-    def n_heads(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def length(self) -> int:
-        return self.keys.shape[2]
-
-    @property
-    def heads(self) -> slice:
-        return slice(self.head_start, self.head_start + self.n_heads)
-
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense keys and values for attention. Storage subclasses (quantized, shared) reconstruct them here."""
-        return self.keys, self.values
-
-    def append(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        positions: torch.Tensor,
-        valid: torch.Tensor | None,
-        rope_positions: torch.Tensor | None = None,
-    ):
-        """Append new tokens. ``positions``/``valid``/``rope_positions`` are ``(B, h, q)``; new state starts at 0."""
-        n_old = self.length
-        self.keys = torch.cat([self.keys, keys], dim=2)
-        self.values = torch.cat([self.values, values], dim=2)
-        self.positions = torch.cat([self.positions, positions], dim=2)
-        if rope_positions is not None:
-            old = self.rope_positions if self.rope_positions is not None else rope_positions[..., :0]
-            self.rope_positions = torch.cat([old, rope_positions], dim=2)
-        if valid is not None or self.valid is not None:
-            old = self.valid if self.valid is not None else _all_true(self.positions[..., :n_old])
-            new = valid if valid is not None else _all_true(positions)
-            self.valid = torch.cat([old, new], dim=2)
-        for name, tensor in self.state.items():
-            pad = tensor.new_zeros((*tensor.shape[:2], positions.shape[2]))
-            self.state[name] = torch.cat([tensor, pad], dim=2)
-
-    def gather(self, index: torch.Tensor) -> None:
-        """Keep only the tokens at ``index`` ``(B, h, k)`` (sorted, so order is preserved); frees the rest."""
-        index = index.sort(dim=-1).values
-        d = self.keys.shape[-1]
-        kv_index = index[..., None].expand(-1, -1, -1, d)
-        self.keys = self.keys.gather(2, kv_index)
-        self.values = self.values.gather(2, kv_index)
-        self.positions = self.positions.gather(2, index)
-        if self.rope_positions is not None:
-            self.rope_positions = self.rope_positions.gather(2, index)
-        if self.valid is not None:
-            self.valid = self.valid.gather(2, index)
-            if bool(self.valid.all()):
-                self.valid = None
-        self.state = {name: t.gather(2, index) for name, t in self.state.items()}
-
-    def split_heads(self) -> list[Segment]:
-        """One segment per head (copies, so each head's storage can shrink on its own)."""
-        out = []
-        for h in range(self.n_heads):
-            sl = slice(h, h + 1)
-            out.append(
-                Segment(
-                    head_start=self.head_start + h,
-                    keys=self.keys[:, sl].clone(),
-                    values=self.values[:, sl].clone(),
-                    positions=self.positions[:, sl].clone(),
-                    valid=None if self.valid is None else self.valid[:, sl].clone(),
-                    state={k: v[:, sl].clone() for k, v in self.state.items()},
-                    rope_positions=None if self.rope_positions is None else self.rope_positions[:, sl].clone(),
-                )
-            )
-        return out
-
-    def nbytes(self) -> int:
-        """Bytes of the key and value tensors held."""
-        return self.keys.nelement() * self.keys.element_size() + self.values.nelement() * self.values.element_size()
-
-    def aux_nbytes(self) -> int:
-        """Bytes of the per-token bookkeeping (positions, padding, method state)."""
-        tensors = [self.positions, *self.state.values()]
-        tensors += [t for t in (self.valid, self.rope_positions) if t is not None]
-        return sum(t.nelement() * t.element_size() for t in tensors)
-
-
-def _all_true(like: torch.Tensor) -> torch.Tensor:
-    return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+from .compat import layer_types_and_kwargs, sliding_layer
+from .errors import KVSieveError, UnsupportedModelError
+from .storage import Segment
+from .storage.quantized import PackedSegment
 
 
 class SieveLayer(CacheLayerMixin):
-    """A full-attention cache layer that holds only kept tokens (see the module docstring).
-
-    ``rerotate=True`` serves keys rotated to their positions within the cache (0..T-1), as StreamingLLM does; new
-    tokens then take position T. Keys are stored exactly as they arrived, with the position they were rotated at,
-    and rotated at read time by (position in cache - arrival position): one rotation from the pristine key, so no
-    error accumulates over a long stream, and a key that never moved is read bit for bit as the model made it.
-    Otherwise keys keep their original positions.
-    """
+    """A full-attention cache layer that holds only kept tokens (see the module docstring)."""
 
     is_sliding = False
     is_compileable = False
@@ -163,9 +53,11 @@ class SieveLayer(CacheLayerMixin):
         self.rerotate = rerotate
         self.inv_freq = inv_freq
         self.segments: list[Segment] = []
-        self.method_state: dict = {}  # per-layer method state that is not per token
+        self.layer_state: dict = {}  # the method's per-layer state that is not per token
         self.seen = 0  # tokens ever added, real or padding
-        self.n_new = 0  # tokens added by the last update, waiting for their positions
+        self._real_seen: torch.Tensor | None = None  # (B,) real tokens ever added per batch row
+        self.evictions = 0  # forward passes that evicted (a checkpoint is valid only while this is unchanged)
+        self.n_new = 0
         self._new: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- CacheLayerMixin interface -------------------------------------------------------------------------------
@@ -174,14 +66,12 @@ class SieveLayer(CacheLayerMixin):
         self.n_kv_heads = key_states.shape[1]
         self.is_initialized = True
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Stage the new tokens; ``commit`` adds them once the attention function knows their positions."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._new is not None:
-            raise RuntimeError(
+            raise KVSieveError(
                 "kvsieve cache updated twice without attention in between: run the model inside "
                 "`with sieve.attach(model)` so the kvsieve attention function reads the cache."
             )
@@ -191,98 +81,120 @@ class SieveLayer(CacheLayerMixin):
         # The kvsieve attention function reads the layer directly; these are returned only to honour the interface.
         return key_states, value_states
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers < 5.4 passes cache_position
+            query_length = query_length.shape[0]
         return self.length + query_length, 0
 
     def get_seq_length(self) -> int:
-        """Position of the next token: tokens seen (original positions) or tokens held (positions in the cache)."""
-        return self.length if self.rerotate else self.seen
+        """Stream position of the next token: the tokens seen (re-indexing layers shift keys instead)."""
+        return self.seen
 
     def get_max_length(self) -> int:
         return -1
 
+    get_max_cache_shape = get_max_length  # the same abstract method's name before transformers 5.13
+
     def reset(self) -> None:
         self.segments, self.seen, self.n_new, self._new = [], 0, 0, None
-        self.method_state = {}
+        self.layer_state, self.evictions, self._real_seen = {}, 0, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for seg in self.segments:
-            seg.keys, seg.values = seg.keys[beam_idx], seg.values[beam_idx]
-            seg.positions = seg.positions[beam_idx]
-            seg.valid = None if seg.valid is None else seg.valid[beam_idx]
-            seg.state = {k: v[beam_idx] for k, v in seg.state.items()}
+        raise KVSieveError("kvsieve caches do not support beam search or num_return_sequences > 1")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a compressed kvsieve cache cannot be cropped: evicted tokens are gone")
+        raise KVSieveError("a kvsieve cache cannot be cropped: evicted tokens are gone (use cache.checkpoint())")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("kvsieve caches do not support beam search or num_return_sequences > 1")
+        raise KVSieveError("kvsieve caches do not support beam search or num_return_sequences > 1")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("kvsieve caches do not support beam search or num_return_sequences > 1")
+        raise KVSieveError("kvsieve caches do not support beam search or num_return_sequences > 1")
 
     # --- kvsieve interface ---------------------------------------------------------------------------------------
     @property
-    def length(self) -> int:
-        """Tokens held (the longest head where heads differ), plus staged new tokens."""
-        held = max((s.length for s in self.segments), default=0)
-        return held + (self.n_new if self._new is not None else 0)
+    def held(self) -> int:
+        """Tokens held (the longest head where heads differ), staged tokens not included."""
+        return max((s.length for s in self.segments), default=0)
 
     @property
-    def is_ragged(self) -> bool:
-        return len(self.segments) > 1
+    def length(self) -> int:
+        """Tokens held plus staged new tokens."""
+        return self.held + (self.n_new if self._new is not None else 0)
 
     def commit(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Add the staged tokens, given the model's position ids ``(B, q)`` and padding flags ``valid`` ``(B, q)``."""
+        """Add the staged tokens, given the model's position ids ``(B|1, q)`` and padding flags ``(B, q)``."""
         if self._new is None:
             raise RuntimeError("no staged tokens to commit")
         keys, values = self._new
         self._new = None
         b, h, q, _ = keys.shape
-        positions = positions.to(keys.device).expand(b, q)
-        rope_pos = None
-        if self.rerotate:
-            # Keys arrived rotated at their position in the cache (the model's position ids); rank tokens by their
-            # position in the whole stream, which recency and sink rules use.
-            rope_pos = positions[:, None, :].expand(b, h, q).contiguous()
-            positions = torch.arange(self.seen - q, self.seen, device=keys.device)[None, :].expand(b, q)
-        pos = positions[:, None, :].expand(b, h, q).contiguous()
-        val = None if valid is None else valid.to(keys.device)[:, None, :].expand(b, h, q).contiguous()
+        pos = positions.to(keys.device).expand(b, q)
+        if valid is not None:  # padding sits before every real token of its row: position -1 (keys are rotated already)
+            pos = pos.masked_fill(~valid.to(keys.device), -1)
+        pos = pos[:, None, :].expand(b, h, q)
+        val = None if valid is None else valid.to(keys.device)[:, None, :].expand(b, h, q)
+        real = torch.full((b,), q, dtype=torch.int64) if valid is None else valid.sum(dim=-1).to("cpu", torch.int64)
+        self._real_seen = real if self._real_seen is None else self._real_seen + real
+        shift = torch.zeros(1, dtype=torch.int64, device=keys.device).expand(b, h, q) if self.rerotate else None
         if not self.segments:
-            empty = keys[:, :, :0]
-            self.segments = [Segment(0, empty, values[:, :, :0], pos[:, :, :0], None)]
-        for seg in self.segments:
-            hs = seg.heads
-            seg.append(
-                keys[:, hs], values[:, hs], pos[:, hs], None if val is None else val[:, hs],
-                None if rope_pos is None else rope_pos[:, hs],
-            )
+            self.segments = [Segment(0, keys, values, pos, val, shift=shift)]
+        else:
+            for seg in self.segments:
+                hs = seg.heads
+                seg.append(keys[:, hs], values[:, hs], pos[:, hs], None if val is None else val[:, hs], shift)
         self.n_new = 0
 
-    def attention_kv(self, seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values as attention must see them: dense, keys rotated to in-cache positions if re-rotating."""
+    def real_seen(self) -> list[int]:
+        """Real (not padding) tokens this layer has seen, per batch row."""
+        return [self.seen] if self._real_seen is None else self._real_seen.tolist()
+
+    @contextmanager
+    def attention_view(self, seg: Segment) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values as attention must see them inside the block: keys with a shift rotated by it.
+
+        Plain segments are rotated in place and restored on exit (only the shifted rows are touched: the sinks, for
+        StreamingLLM); packed segments yield rotated copies.
+        """
         keys, values = seg.read()
-        if self.rerotate:
-            shift = torch.arange(seg.length, device=keys.device) - seg.rope_positions
-            if bool(shift.any()):
-                keys = rope.rotate(keys, shift, self.inv_freq)
-        return keys, values
+        shift = seg.shift if self.rerotate else None
+        moved = None if shift is None else shift != 0
+        if moved is None or not bool(moved.any()):
+            yield keys, values
+            return
+        if isinstance(seg, PackedSegment):
+            keys = keys.clone()
+            keys[moved] = rope.rotate(keys[moved], shift[moved], self.inv_freq)
+            yield keys, values
+            return
+        saved = keys[moved]
+        keys[moved] = rope.rotate(saved, shift[moved], self.inv_freq)
+        try:
+            yield keys, values
+        finally:
+            keys[moved] = saved
 
-    def keep(self, indices: list[torch.Tensor]) -> None:
-        """Keep the tokens at ``indices``, one ``(B, h_s, k)`` tensor per segment, or one ``(B, 1, k_h)`` per head.
+    def keep(self, indices: list[torch.Tensor], ordered: bool = False) -> None:
+        """Keep the tokens at ``indices``: one ``(B, h_s, k)`` tensor per segment, or one ``(B, 1, k_h)`` per head.
 
-        Passing per-head indices of different lengths to a uniform layer splits it into per-head segments.
+        Per-head indices of different lengths given for a uniform layer split it into per-head segments.
+        ``ordered``: keep the tokens in slot order (``Segment.gather``) rather than filling holes (``Segment.keep``).
         """
         if len(indices) != len(self.segments):
             if len(self.segments) != 1 or len(indices) != self.segments[0].n_heads:
                 raise ValueError(f"expected {len(self.segments)} index tensors, got {len(indices)}")
-            lengths = {int(i.shape[-1]) for i in indices}
-            if len(lengths) == 1:
+            if len({int(i.shape[-1]) for i in indices}) == 1:
                 indices = [torch.cat(indices, dim=1)]
             else:
                 self.segments = self.segments[0].split_heads()
         for seg, idx in zip(self.segments, indices, strict=True):
-            seg.gather(idx)
+            if self.rerotate:
+                _add_shifts(seg, idx)
+            if ordered:
+                seg.gather(idx)
+            else:
+                seg.keep(idx)
+        self.evictions += 1
 
     def tokens_per_head(self) -> list[int]:
         return [s.length for s in self.segments for _ in range(s.n_heads)]
@@ -290,8 +202,32 @@ class SieveLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.segments)
 
+    def reserved_nbytes(self) -> int:
+        return sum(s.reserved_nbytes() for s in self.segments)
+
     def aux_nbytes(self) -> int:
         return sum(s.aux_nbytes() for s in self.segments)
+
+
+def _add_shifts(seg: Segment, index: torch.Tensor) -> None:
+    """Before evicting all but ``index`` ``(B, h, k)``: each kept token's shift grows by the real tokens evicted after
+    it (padding comes before every real token of its row, so it never counts)."""
+    pos = seg.positions
+    evicted = torch.ones(pos.shape, dtype=torch.bool, device=pos.device).scatter_(2, index, False)
+    if seg.valid is not None:
+        evicted &= seg.valid
+    n_evicted = evicted.sum(dim=-1, keepdim=True)
+    most = int(n_evicted.max())
+    if most == 0:
+        return
+    if most == 1:  # one token goes (a decoding step): every token before it moves by one
+        gone = pos.masked_fill(~evicted, -1).amax(dim=-1, keepdim=True)  # its position, or -1: no token moves
+        seg.shift.add_((pos < gone).to(seg.shift.dtype))
+        return
+    # evicted positions sorted, others pushed below every position; count those above each token's position
+    ev_sorted = pos.masked_fill(~evicted, -1).sort(dim=-1).values.contiguous()
+    at_or_below = torch.searchsorted(ev_sorted, pos.contiguous(), right=True) - (pos.shape[-1] - n_evicted)
+    seg.shift.add_(n_evicted - at_or_below)
 
 
 _last_update = threading.local()
@@ -308,9 +244,9 @@ def take_last_update() -> tuple[SieveCache, int] | None:
     return taken
 
 
-def _layer_nbytes(layer: CacheLayerMixin) -> int:
+def _layer_nbytes(layer: CacheLayerMixin, reserved: bool = False) -> int:
     if isinstance(layer, SieveLayer):
-        return layer.nbytes()
+        return layer.reserved_nbytes() if reserved else layer.nbytes()
     if getattr(layer, "keys", None) is None or not layer.is_initialized:
         return 0
     return sum(t.nelement() * t.element_size() for t in (layer.keys, layer.values))
@@ -330,19 +266,22 @@ def _layer_tokens(layer: CacheLayerMixin) -> int | list[int]:
 class SieveCache(Cache):
     """A transformers ``Cache`` whose full-attention layers are :class:`SieveLayer` objects.
 
-    Create it with ``Sieve.attach(model)`` (or ``sieve.new_cache()`` inside that context) and pass it as
-    ``past_key_values`` to ``model(...)`` or ``model.generate(...)``.
+    Made by ``Sieve.attach(model)`` (or ``sieve.new_cache()`` inside it) and valid only inside that block: pass it to
+    ``model(...)`` / ``model.generate(...)`` (``kvsieve.cache_kwargs(model, cache)`` names the argument the installed
+    transformers expects). Run state of the methods lives here, never on method objects: per-token state in the
+    segments, per-layer state in ``layer.layer_state``, state shared by the layers of one cache in ``shared``, and
+    the state of the forward pass in progress in ``pass_state``.
     """
 
-    def __init__(self, config, rerotate: bool = False, inv_freq: torch.Tensor | None = None):
+    def __init__(self, config, session=None, rerotate: bool = False, inv_freq: torch.Tensor | None = None):
         text_config = config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers: list[CacheLayerMixin] = []
-        for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
+        types, kwargs = layer_types_and_kwargs(text_config)
+        for i, (kind, layer_kwargs) in enumerate(zip(types, kwargs, strict=True)):
             if kind == "full_attention":
                 layers.append(SieveLayer(rerotate=rerotate, inv_freq=inv_freq))
             elif kind in ("sliding_attention", "chunked_attention"):
-                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+                layers.append(sliding_layer(layer_kwargs))
             else:
                 raise UnsupportedModelError(
                     f"layer {i} is a {kind!r} layer; kvsieve caches support full-attention and sliding-window "
@@ -350,9 +289,43 @@ class SieveCache(Cache):
                 )
         super().__init__(layers=layers)
         self.compressing = True
-        self.shared: dict = {}  # method state shared across layers, for this cache only
+        self.shared: dict = {}  # method state shared across the layers of this cache
+        self.pass_state: dict = {}  # state of the forward pass in progress (sequence pruning decisions)
+        self._session = None if session is None else weakref.ref(session)
+        self.broken: str | None = None
+
+    def abandon_pass(self, layer_idx: int) -> None:
+        """After an error in layer ``layer_idx``'s attention: drop its staged tokens; if earlier layers already took
+        this pass's tokens, the cache is inconsistent and refuses further use (it says why)."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, SieveLayer) and layer._new is not None:
+            layer.seen -= layer.n_new
+            layer._new, layer.n_new = None, 0
+        seen = {layer.get_seq_length() for layer in self.layers if getattr(layer, "is_initialized", False)}
+        if len(seen) > 1:
+            self.broken = f"an error in layer {layer_idx}"
+
+    def adopt(self, session) -> None:
+        """Belong to ``session`` from now on (``Sieve.attach(model, cache=...)``)."""
+        self._session = weakref.ref(session)
+
+    @property
+    def session(self):
+        """The attach block this cache belongs to (None once it has ended or for a cache built outside one)."""
+        return None if self._session is None else self._session()
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        session = self.session
+        if self._session is not None and (session is None or not session.active):
+            raise KVSieveError(
+                "this kvsieve cache belongs to a `with sieve.attach(model):` block that has ended; run the model "
+                "inside that block, or make a new cache with a new attach."
+            )
+        if self.broken:
+            raise KVSieveError(
+                f"this kvsieve cache was left part-way through a forward pass by an error ({self.broken}); make a "
+                "new cache with sieve.new_cache() or a new attach"
+            )
         _last_update.value = (self, layer_idx)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
@@ -374,9 +347,63 @@ class SieveCache(Cache):
         return [_layer_tokens(layer) for layer in self.layers]
 
     def kv_bytes(self) -> int:
-        """Bytes of all key and value tensors the cache holds."""
+        """Bytes of the keys and values the cache holds (the tokens kept; see ``reserved_kv_bytes``)."""
         return sum(_layer_nbytes(layer) for layer in self.layers)
 
+    def reserved_kv_bytes(self) -> int:
+        """Bytes allocated for keys and values, spare room included: at most 1.25 x held + 32 slots per segment."""
+        return sum(_layer_nbytes(layer, reserved=True) for layer in self.layers)
+
     def aux_bytes(self) -> int:
-        """Bytes of per-token bookkeeping (positions, padding flags, method state)."""
+        """Bytes of per-token bookkeeping (positions, padding flags, shifts, method state)."""
         return sum(layer.aux_nbytes() for layer in self.sieve_layers())
+
+    # --- checkpoints: several questions over one compressed context ---------------------------------------------
+    def checkpoint(self) -> Any:
+        """A mark to :meth:`restore` to: the cache as it is now (e.g. right after compressing a context).
+
+        Cheap for plain storage (token counts and the small per-token state are recorded); packed storage (quantised,
+        merged) and sliding-window layers are copied.
+        """
+        marks = []
+        for layer in self.layers:
+            if isinstance(layer, SieveLayer):
+                segs = [
+                    (s.length, {k: v.clone() for k, v in s.state.items()})
+                    if not isinstance(s, PackedSegment)
+                    else copy.deepcopy(s)
+                    for s in layer.segments
+                ]
+                marks.append(
+                    ("sieve", (layer.seen, layer._real_seen), layer.evictions, segs, copy.deepcopy(layer.layer_state))
+                )
+            else:
+                marks.append(("other", copy.deepcopy(layer)))
+        return (id(self), marks, copy.deepcopy(self.shared))
+
+    def restore(self, mark: Any) -> None:
+        """Return to the state of ``checkpoint()``; only tokens appended since (with no eviction) may be dropped."""
+        owner, marks, shared = mark
+        if owner != id(self):
+            raise KVSieveError("this checkpoint was taken of another cache")
+        for i, entry in enumerate(marks):
+            if entry[0] == "other":
+                self.layers[i] = copy.deepcopy(entry[1])
+                continue
+            _, seen, evictions, segs, layer_state = entry
+            layer = self.layers[i]
+            if layer.evictions != evictions or len(segs) != len(layer.segments):
+                raise KVSieveError(
+                    "the cache evicted tokens after the checkpoint, so it cannot be restored; append the questions "
+                    "inside `with cache.paused():`"
+                )
+            for j, saved in enumerate(segs):
+                if isinstance(saved, PackedSegment):
+                    layer.segments[j] = copy.deepcopy(saved)
+                else:
+                    length, state = saved
+                    layer.segments[j].truncate(length)
+                    layer.segments[j].state = {k: v.clone() for k, v in state.items()}
+            (layer.seen, layer._real_seen), layer.layer_state = seen, copy.deepcopy(layer_state)
+            layer._new, layer.n_new = None, 0
+        self.shared = copy.deepcopy(shared)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .cache import SieveCache
+from .compat import cache_kwargs
 from .errors import ContextLengthError, KVSieveError
 from .sieve import Sieve
 
@@ -44,12 +45,12 @@ def prefill(
     ``chunk_size``: feed the prompt this many tokens at a time; each chunk is compressed before the next one, so the
     cache never holds more than budget + chunk tokens. None feeds the whole prompt at once.
     """
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise KVSieveError("input_ids must be a non-empty (batch, tokens) tensor")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise KVSieveError("input_ids must be a non-empty (batch, tokens) tensor of token ids")
     n = input_ids.shape[1]
-    step = n if chunk_size is None else int(chunk_size)
-    if step < 1:
-        raise KVSieveError(f"chunk_size must be at least 1, got {chunk_size}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise KVSieveError(f"chunk_size must be a whole number of tokens >= 1, got {chunk_size!r}")
+    step = n if chunk_size is None else chunk_size
     past = attention_mask[:, :0] if attention_mask is not None else None
     logits = None
     for start in range(0, n, step):
@@ -59,7 +60,7 @@ def prefill(
             past = torch.cat([past, attention_mask[:, start : start + step]], dim=1)
             kwargs["attention_mask"] = past
             kwargs["position_ids"] = _positions_from_mask(past)[:, -chunk.shape[1] :]
-        out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        out = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache), **kwargs)
         logits = out.logits[:, -1]
     return logits
 
@@ -86,6 +87,14 @@ def generate(
 
     ``chat``: wrap a string prompt in the tokenizer's chat template (for instruct models).
     """
+    if not isinstance(sieve, Sieve):
+        raise KVSieveError(f"sieve must be a kvsieve.Sieve, got {type(sieve).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise KVSieveError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+    if isinstance(prompt, str) and not prompt.strip():
+        raise KVSieveError("the prompt is empty; give some text to continue")
+    if not isinstance(prompt, (str, torch.Tensor)):
+        raise KVSieveError(f"prompt must be a string or a tensor of token ids, got {type(prompt).__name__}")
     if isinstance(prompt, str):
         if chat and getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(
@@ -116,7 +125,8 @@ def generate(
             if len(new_ids) == max_new_tokens:
                 break
             step = torch.tensor([[next_id]], device=model.device)
-            logits = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            out = model(input_ids=step, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+            logits = out.logits[:, -1]
         decode_steps = max(1, len(new_ids) - 1)  # the first token comes from the prefill logits
         decode_seconds = (time.perf_counter() - t1) / decode_steps
         return GenerationResult(

@@ -18,8 +18,11 @@ import os
 import re
 import shutil
 import site
+import socket
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvsieve.errors import KVSieveError, ModelNotFoundError
+from kvsieve.errors import KVSieveError, ModelNotFoundError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 try:  # POSIX only; elsewhere conversion still works, just without the cross-process lock.
     import fcntl
@@ -40,10 +43,13 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
+    "HUB_PROBE_TIMEOUT",
     "EmbeddedModel",
     "cache_dir",
     "converted_dir",
     "gguf_path",
+    "hub_unreachable",
+    "load_config",
     "load_model",
     "load_tokenizer",
     "model_label",
@@ -415,12 +421,196 @@ def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[str | Path, bool]:
     return text, False
 
 
-def _hub_error(text: str, exc: Exception) -> ModelNotFoundError:
+# Files that hold a tokenizer in a model directory (any one of them is enough for AutoTokenizer).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tekken.json",
+)
+# How long the hub reachability probe waits (DNS and TCP connect together) before calling the hub unreachable.
+HUB_PROBE_TIMEOUT = 3.0
+_probe_memo: dict[str, tuple[float, str | None]] = {}  # probe target -> (when, reason); reused for a minute
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_config(directory: Path) -> dict:
+    """The parsed config.json of a model directory; a clear error when it is missing or corrupt."""
+    file = directory / "config.json"
+    if not file.is_file():
+        raise ModelNotFoundError(
+            f"{directory} has no config.json, so it is not a Hugging Face model directory; pass the directory that "
+            f"holds config.json, the weights and the tokenizer files (as save_pretrained writes them), a .gguf "
+            f"file, or one of the embedded models: {_embedded_names()}"
+        )
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KVSieveError(
+            f"{file} is not valid JSON ({_one_line(exc)}); re-save the model there with save_pretrained or "
+            "download it again"
+        ) from None
+    if not isinstance(config, dict):
+        raise KVSieveError(
+            f"{file} holds a JSON {type(config).__name__}, not an object; re-save the model there with "
+            "save_pretrained or download it again"
+        )
+    return config
+
+
+def _check_model_dir(directory: Path, *, tokenizer: bool, weights: bool) -> None:
+    """Refuse, before transformers reads anything, a directory it could not load (checked: config.json parses,
+    transformers knows its model_type, and, when asked, tokenizer and weight files are there)."""
+    file = directory / "config.json"
+    model_type = _read_config(directory).get("model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        import transformers
+
+        problem = "has no model_type" if model_type is None else f"has model_type {model_type!r}"
+        raise UnsupportedModelError(
+            f"{file} {problem}, which transformers {transformers.__version__} does not know; fix config.json, "
+            "upgrade transformers if the architecture is newer than it, or use a supported architecture (llama, "
+            f"mistral, qwen2, qwen3, gemma3) such as the embedded models: {_embedded_names()}"
+        )
+    names = {p.name for p in directory.iterdir()}
+    if tokenizer and not (names & set(_TOKENIZER_FILES) or any(n.endswith(".tiktoken") for n in names)):
+        raise ModelNotFoundError(
+            f"{directory} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); save the tokenizer "
+            f"next to the model (tokenizer.save_pretrained('{directory}')) or pass a directory that has one"
+        )
+    if weights and not any(n.endswith((".safetensors", ".bin", ".safetensors.index.json")) for n in names):
+        raise ModelNotFoundError(
+            f"{directory} has no weight files (*.safetensors or *.bin); save the model there with save_pretrained "
+            "or download its weights"
+        )
+
+
+def _offline_mode() -> bool:
+    """True when the user asked Hugging Face libraries to stay offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_endpoint() -> str:
+    if os.environ.get("HF_ENDPOINT"):
+        return os.environ["HF_ENDPOINT"].rstrip("/")
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return "https://huggingface.co"
+    return constants.ENDPOINT.rstrip("/")
+
+
+def _probe_target() -> tuple[str, int]:
+    """Host and port a download would connect to first: the hub, or the HTTPS proxy in use."""
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(_hub_endpoint())
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        purl = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if purl.hostname:
+            return purl.hostname, purl.port or 80
+    return host, port
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """None if one TCP connection to the Hugging Face hub (or the proxy in use) opens within ``timeout`` seconds;
+    otherwise why not. One short probe instead of transformers' minute of retries; remembered for 60 s."""
+    host, port = _probe_target()
+    target = f"{host}:{port}"
+    memo = _probe_memo.get(target)
+    if memo is not None and time.monotonic() - memo[0] < 60.0:
+        return memo[1]
+    outcome: dict[str, BaseException | bool] = {}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as exc:
+            outcome["error"] = exc
+
+    # A thread, because name resolution has no timeout of its own; a daemon, so a hung lookup never blocks exit.
+    thread = threading.Thread(target=probe, name="kvsieve-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if outcome.get("ok"):
+        reason = None
+    elif "error" in outcome:
+        error = outcome["error"]
+        reason = f"{target}: {getattr(error, 'strerror', None) or _one_line(error)}"  # type: ignore[arg-type]
+    else:
+        reason = f"{target}: no answer within {timeout:g} s"
+    _probe_memo[target] = (time.monotonic(), reason)
+    return reason
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What ``from_pretrained`` gets, and how far it may go for it."""
+
+    where: str | Path
+    local: bool  # a local directory
+    offline: str | None = None  # why a hub id is read from the local Hugging Face cache only (None: may download)
+
+    @property
+    def local_files_only(self) -> bool:
+        return self.local or self.offline is not None
+
+
+def _source(name_or_path: str | os.PathLike[str], *, tokenizer: bool, weights: bool) -> _Source:
+    """Resolve ``name_or_path`` and check, before anything loads, that it can be loaded: a local directory's files,
+    or for a hub id whether the hub is reachable (an embedded model never touches the network)."""
+    where, local = _resolve(name_or_path)
+    if local:
+        _check_model_dir(Path(where), tokenizer=tokenizer, weights=weights)
+        return _Source(where, True)
+    if _offline_mode():
+        return _Source(where, False, "HF_HUB_OFFLINE is set, so kvsieve did not try the hub")
+    reason = hub_unreachable()
+    return _Source(where, False, None if reason is None else f"the Hugging Face hub is unreachable ({reason})")
+
+
+def _load_error(source: _Source, what: str, exc: Exception) -> KVSieveError:
+    """The one-line error for a ``from_pretrained`` failure, naming the fix."""
+    if source.local:
+        return KVSieveError(
+            f"Could not load the {what} from {source.where}: {_one_line(exc)}; re-save it there with "
+            f"save_pretrained or download it again, or use one of the embedded models: {_embedded_names()}"
+        )
+    if source.offline is not None:
+        fix = "unset HF_HUB_OFFLINE to download it" if _offline_mode() else "connect to the network to download it"
+        return ModelNotFoundError(
+            f"{str(source.where)!r} is neither a local directory nor in the local Hugging Face cache, and "
+            f"{source.offline}; pass a local model directory (with config.json), one of the embedded models, "
+            f"which never need the network ({_embedded_names()}), or {fix}"
+        )
     return ModelNotFoundError(
-        f"Could not load {text!r}: it is not a local directory, and loading it as a Hugging Face hub id "
-        f"failed ({exc}). Pass an existing directory, a reachable hub id, or one of the embedded models: "
-        f"{_embedded_names()}."
+        f"Could not load {str(source.where)!r}: it is not a local directory, and loading it as a Hugging Face hub "
+        f"id failed ({_one_line(exc)}); pass an existing directory, a reachable hub id, or one of the embedded "
+        f"models: {_embedded_names()}"
     )
+
+
+_LOAD_ERRORS = (OSError, ValueError, KeyError)  # what from_pretrained raises for missing, corrupt or unknown files
 
 
 def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -429,21 +619,31 @@ def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
+def load_config(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> PretrainedConfig:
+    """The model's configuration alone (no weights): to check arguments such as layer or head indices, or the
+    window, before loading the model. Resolves names like :func:`load_model`."""
+    source = _source(name_or_path, tokenizer=False, weights=False)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.where, local_files_only=source.local_files_only)
+    except _LOAD_ERRORS as exc:
+        raise _load_error(source, "configuration", exc) from exc
+
+
 def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     """Load the tokenizer of an embedded model, a local directory or a Hugging Face hub id.
 
     An embedded model is converted on first use (see :func:`load_model`). The pad token is set to the
     EOS token when the tokenizer has none.
     """
-    source, local = _resolve(name_or_path)
+    source = _source(name_or_path, tokenizer=True, weights=False)
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-    except OSError as exc:
-        if local:
-            raise
-        raise _hub_error(str(source), exc) from exc
+        tokenizer = AutoTokenizer.from_pretrained(source.where, local_files_only=source.local_files_only)
+    except _LOAD_ERRORS as exc:
+        raise _load_error(source, "tokenizer", exc) from exc
     return _finish_tokenizer(tokenizer)
 
 
@@ -473,25 +673,31 @@ def load_model(
     ``name_or_path`` is one of :data:`EMBEDDED_MODELS` (default ``"smollm2-135m"``), a local model
     directory (or ``.gguf`` file), or a Hugging Face hub id. An embedded model's GGUF file is converted
     once into :func:`converted_dir` (about 30 s on a small CPU) and loaded from there afterwards (under a
-    second, offline). The tokenizer's pad token is set to EOS when missing.
+    second, offline). A hub id is downloaded only when ``HF_HUB_OFFLINE`` is unset and the hub answers a
+    short probe (:data:`HUB_PROBE_TIMEOUT`); otherwise only the local Hugging Face cache is read. The
+    tokenizer's pad token is set to EOS when missing.
 
     Raises:
         ModelNotFoundError: a missing embedded package (the message gives the pip command), a path that
-            does not exist, or a hub id that cannot be loaded.
-        KVSieveError: a device that is not available, or a GGUF file transformers cannot convert.
+            does not exist, a directory without config.json, tokenizer or weight files, or a hub id that
+            cannot be loaded (unreachable hub, offline mode, unknown id).
+        UnsupportedModelError: a config.json whose model_type transformers does not know.
+        KVSieveError: a device that is not available, a corrupt config.json or other file, or a GGUF file
+            transformers cannot convert.
     """
     dev = _check_device(device)
-    source, local = _resolve(name_or_path)
+    source = _source(name_or_path, tokenizer=True, weights=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, **kwargs)
-    except OSError as exc:
-        if local:
-            raise
-        raise _hub_error(str(source), exc) from exc
+        tokenizer = AutoTokenizer.from_pretrained(source.where, local_files_only=source.local_files_only)
+    except _LOAD_ERRORS as exc:
+        raise _load_error(source, "tokenizer", exc) from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.where, local_files_only=source.local_files_only, **kwargs)
+    except _LOAD_ERRORS as exc:
+        raise _load_error(source, "model", exc) from exc
     _finish_tokenizer(tokenizer)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:

@@ -1,21 +1,29 @@
-"""The user-facing context: ``Sieve(method, budget).attach(model)`` yields a cache that compresses as the model runs.
+"""The user-facing context: ``Sieve(method, budget).attach(model)`` yields a cache that acts as the model runs.
 
-Data flows one way, per layer and forward pass (``Session.attend``):
-model's q/k/v -> cache layer (``commit``) -> attention output (sdpa) and the statistics the method asked for
--> ``method.observe`` / ``method.score`` -> ``method.select`` (the policy, given the budget) -> ``layer.keep``.
+A sieve acts at up to three places, each a separate axis:
+
+- the **cache** (``method``): what is kept, merged, quantised or read, under a :class:`Budget`;
+- the **attention compute** (``prefill=``): how a prefill pass's attention is computed (e.g. block-sparse);
+- the **sequence** (``sequence=``): which tokens' hidden states go on past a decoder layer (e.g. FastV).
+
+Data flows one way per layer and forward pass (:mod:`kvsieve.pipeline`): model's q/k/v -> cache layer -> attention
+and the statistics the method asked for -> ``observe`` -> ``score`` -> ``select`` (the policy, given the budget) ->
+``keep``.
 
 Nothing in transformers is patched. Entering the context registers the ``kvsieve`` attention and mask functions
-through ``AttentionInterface`` / ``AttentionMaskInterface`` and switches the model to them with
-``set_attn_implementation``; leaving it restores the model's implementation and removes the registrations.
+through ``AttentionInterface`` / ``AttentionMaskInterface``, switches the model to them with
+``set_attn_implementation`` and, for a sequence method, adds forward pre-hooks to the decoder layers; leaving it
+restores the model's implementation and removes the registrations and hooks (also after an exception).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -24,107 +32,247 @@ from transformers.masking_utils import AttentionMaskInterface
 from . import attention as attn
 from .cache import SieveCache, SieveLayer, take_last_update
 from .errors import BudgetError, ContextLengthError, KVSieveError, UnsupportedModelError
-from .methods import Method, build
-from .methods.base import Observation
+from .methods import build
+from .methods.base import Method, PrefillMethod, SequenceMethod, batch_rule, overrides, read_budget_of
+from .pipeline import run_layer
 from .rope import find_inv_freq
 
 # Architectures whose attention goes through AttentionInterface and that the test suite covers.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 _ACTIVE: ContextVar[Session | None] = ContextVar("kvsieve_session", default=None)
+_failed_update = threading.local()  # the (cache, layer) of the attention call in progress, to clean up after errors
+_failed_update.value = None
 _registration_lock = threading.Lock()
 _registrations = 0
 
 
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BudgetError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Budget:
-    """How much of the KV cache to keep, per layer and head.
+    """How much of the KV cache to keep and to read, per layer and KV head.
 
-    ``compression``: the fraction of tokens removed (as kvpress), in [0, 1); a layer that has seen ``n`` tokens
-    holds ``int(n * (1 - compression))`` of them, during prefill and decoding alike, so 0 keeps everything.
-    ``tokens``: an absolute cap; the layer never holds more than this many tokens after a forward pass (streaming).
+    Keep (evicting methods), one of:
+
+    - ``compression``: the fraction of tokens removed, in [0, 1) (as kvpress): every prefill pass (more than one new
+      token: the prompt, or each chunk of a chunked prefill) leaves ``int(seen x (1 - compression))`` tokens; decoding
+      steps then append without evicting. Compress once, then generate.
+    - ``tokens``: a cap held after every forward pass (streaming); with ``interval=k`` decoding steps evict only
+      once the layer holds ``tokens + k`` tokens, back down to ``tokens``, so it holds at most ``tokens + k - 1``
+      (kvpress's ``DecodingPress``).
+
+    Read (selective-read methods): ``read`` tokens, or ``read_fraction`` of the held tokens (in (0, 1]), attended to
+    per decoding step; neither reads every held token.
     """
 
     compression: float | None = None
     tokens: int | None = None
+    interval: int = 1
+    read: int | None = None
+    read_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.compression is None) == (self.tokens is None):
-            raise BudgetError("give exactly one of compression (a fraction in [0, 1)) or budget (a token count)")
-        if self.compression is not None and not (0.0 <= float(self.compression) < 1.0):
-            raise BudgetError(
-                f"compression {self.compression} is outside [0, 1): it is the fraction of tokens removed, "
-                "e.g. 0.5 keeps half; use budget=N for an absolute number of tokens."
-            )
-        if self.tokens is not None and (isinstance(self.tokens, bool) or int(self.tokens) != self.tokens):
-            raise BudgetError(f"budget must be a whole number of tokens, got {self.tokens!r}")
-        if self.tokens is not None and self.tokens < 1:
-            raise BudgetError(f"budget must be at least 1 token, got {self.tokens}")
-
-    def target(self, seen: int) -> int:
-        """Tokens per head a layer that has seen ``seen`` tokens may hold."""
+        if self.compression is not None and self.tokens is not None:
+            raise BudgetError("give one of compression (a fraction in [0, 1)) or budget (a token count), not both")
+        if self.compression is not None:
+            c = _number(self.compression, "compression")
+            if not 0.0 <= c < 1.0:
+                raise BudgetError(
+                    f"compression {self.compression} is outside [0, 1): it is the fraction of tokens removed, "
+                    "e.g. 0.5 keeps half; use budget=N for an absolute number of tokens."
+                )
         if self.tokens is not None:
-            return int(self.tokens)
-        return max(1, int(seen * (1.0 - float(self.compression))))
+            _number(self.tokens, "budget")
+            if int(self.tokens) != self.tokens:
+                raise BudgetError(f"budget must be a whole number of tokens, got {self.tokens!r}")
+            if self.tokens < 1:
+                raise BudgetError(f"budget must be at least 1 token, got {self.tokens}")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise BudgetError(f"interval must be a whole number of decoding steps >= 1, got {self.interval!r}")
+        if self.interval != 1 and self.tokens is None:
+            raise BudgetError("interval applies to a token budget: give budget=N with interval=k")
+        if self.read is not None and (_number(self.read, "read budget") < 1 or int(self.read) != self.read):
+            raise BudgetError(f"read budget must be a whole number of tokens >= 1, got {self.read!r}")
+        if self.read_fraction is not None and not 0.0 < _number(self.read_fraction, "read fraction") <= 1.0:
+            raise BudgetError(f"read fraction must be in (0, 1], got {self.read_fraction!r}")
+
+    @property
+    def keeps(self) -> bool:
+        """True if this budget evicts at all."""
+        return self.tokens is not None or self.compression is not None
+
+    def keep_target(self, seen: int, n_new: int) -> int | None:
+        """Tokens per head a layer that has seen ``seen`` tokens (``n_new`` in this pass) may keep; None: no
+        eviction in this pass."""
+        if self.compression is not None:
+            return max(1, int(seen * (1.0 - float(self.compression)))) if n_new > 1 else None
+        return None if self.tokens is None else int(self.tokens)
+
+    def due(self, held_per_head: float, target: int, n_new: int) -> bool:
+        """Whether a layer holding ``held_per_head`` tokens per head (on average) evicts down to ``target`` now:
+        always past its target, except decoding steps with an ``interval``, which wait for ``target + interval``."""
+        if n_new > 1 or self.interval == 1:
+            return held_per_head > target
+        return held_per_head >= target + self.interval
+
+    def read_target(self, held: int) -> int | None:
+        """Tokens a read method attends to per decoding step, out of ``held``."""
+        if self.read_fraction is not None:
+            return max(1, int(held * float(self.read_fraction)))
+        return None if self.read is None else int(self.read)
 
     def __str__(self) -> str:
-        return f"{self.tokens} tokens" if self.tokens is not None else f"compression {self.compression:g}"
+        parts = []
+        if self.tokens is not None:
+            parts.append(f"{self.tokens} tokens" + (f" every {self.interval} steps" if self.interval > 1 else ""))
+        if self.compression is not None:
+            parts.append(f"compression {float(self.compression):g}")
+        if self.read is not None:
+            parts.append(f"read {self.read} tokens")
+        if self.read_fraction is not None:
+            parts.append(f"read {float(self.read_fraction):g} of the held tokens")
+        return ", ".join(parts) or "full"
+
+
+def _read_budget(read_budget: int | float) -> Budget:
+    """A method's ``read_budget`` hyperparameter: a token count, or a fraction of the held tokens when below 1."""
+    if isinstance(read_budget, float) and read_budget < 1.0:
+        return Budget(read_fraction=read_budget)
+    return Budget(read=int(read_budget))
+
+
+def _as(spec, base: type, what: str):
+    """Build ``spec`` (a string or an instance) and check it is of the expected action point."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if not spec.strip():
+            raise KVSieveError(f"empty {what} spec; name one from `kvsieve methods`")
+        spec = build(spec)
+    if not isinstance(spec, base):
+        kind = getattr(spec, "kind", type(spec).__name__)
+        raise KVSieveError(
+            f"{getattr(spec, 'name', spec)!r} is a {kind} method, not a {what} method; `kvsieve methods` lists the "
+            f"{what} methods"
+        )
+    return spec
 
 
 class Sieve:
-    """A method and a budget, ready to attach to a model.
+    """A cache method and its budget, plus optional prefill and sequence methods, ready to attach to a model.
 
-    >>> sieve = Sieve("snapkv", compression=0.5)
+    >>> sieve = Sieve("snapkv", compression=0.5)                       # compress the prompt once, then append
+    >>> sieve = Sieve("streaming_llm", budget=1024)                    # hold 1,024 tokens at every step
+    >>> sieve = Sieve("snapkv", budget=1024, interval=64)              # evict every 64 steps (<= 1,087 held)
+    >>> sieve = Sieve("full", sequence="fastv(layer=2, keep=0.5)")     # prune hidden states after layer 2
     >>> with sieve.attach(model) as cache:
-    ...     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    ...     out = model.generate(**inputs, **kvsieve.cache_kwargs(model, cache), max_new_tokens=32)
     """
 
-    def __init__(self, method: str | Method = "full", *, compression: float | None = None, budget: int | None = None):
-        self.method = build(method) if isinstance(method, str) else method
-        if not self.method.evicts and self.method.selects:
-            given = (compression, budget) != (None, None)
-            self.budget = Budget(compression=compression, tokens=budget) if given else None
-        elif not self.method.evicts:
-            if budget is not None or (compression or 0.0) > 0.0:
+    def __init__(
+        self,
+        method: str | Method = "full",
+        *,
+        compression: float | None = None,
+        budget: int | None = None,
+        interval: int | None = None,
+        prefill: str | PrefillMethod | None = None,
+        sequence: str | SequenceMethod | None = None,
+    ):
+        if method is None:
+            raise KVSieveError("Sieve needs a cache method, e.g. Sieve('full') or Sieve('snapkv', compression=0.5)")
+        self.method = _as(method, Method, "cache")
+        self.prefill = _as(prefill, PrefillMethod, "prefill")
+        self.sequence = _as(sequence, SequenceMethod, "sequence")
+        self.budget = self._budget(compression, budget, interval)
+        if self.budget.tokens is not None:
+            self.method.check_budget(int(self.budget.tokens))
+        if self.method.rerotate and overrides(self.method, "merge"):
+            raise KVSieveError(
+                f"{self.method.spec()} merges tokens on a layer that re-indexes positions, which kvsieve cannot "
+                "keep exact; use a method that keeps original positions"
+            )
+
+    def _budget(self, compression, budget, interval) -> Budget:
+        m = self.method
+        given = compression is not None or budget is not None
+        interval = 1 if interval is None else interval
+        if m.kind == "keep-all":
+            if budget is not None or (compression not in (None, 0, 0.0)):
                 raise BudgetError(
-                    f"{self.method.name} keeps every token, so a budget or compression > 0 would be ignored; "
-                    "drop --budget/--compression or choose an evicting method."
+                    f"{m.name} keeps every token, so a budget or compression > 0 would be ignored; drop "
+                    "--budget/--compression or choose an evicting method."
                 )
-            if compression is not None and not (0.0 <= compression < 1.0):
-                raise BudgetError(f"compression {compression} is outside [0, 1)")
-            self.budget = None
-        else:
-            if compression is None and budget is None:
+            Budget(compression=compression)  # still validates the value
+            return Budget()
+        own_read = read_budget_of(m)
+        if m.kind == "read":
+            if own_read is not None and given:
                 raise BudgetError(
-                    f"{self.method.name} needs a budget: pass compression=R (fraction removed) or budget=N"
+                    f"{m.spec()} sets read_budget and the sieve gives a budget too: give the read budget once"
                 )
-            self.budget = Budget(compression=compression, tokens=budget)
-            if self.budget.tokens is not None:
-                self.method.check_budget(self.budget.tokens)
+            if own_read is not None:
+                return _read_budget(own_read)
+            if not given:
+                raise BudgetError(f"{m.name} reads a budget of tokens per step: pass budget=N or compression=R")
+            read = Budget(compression=compression, tokens=budget)  # validates
+            if budget is not None:
+                return Budget(read=read.tokens)
+            return Budget(read_fraction=1.0 - float(compression))
+        if not given:
+            raise BudgetError(f"{m.name} needs a budget: pass compression=R (fraction removed) or budget=N")
+        keep = Budget(compression=compression, tokens=budget, interval=interval)
+        if own_read is None:
+            return keep
+        read = _read_budget(own_read)
+        return Budget(compression, budget, interval, read.read, read.read_fraction)
 
     def __repr__(self) -> str:
-        return f"Sieve({self.method.spec()!r}, {self.budget or 'no budget'})"
+        extra = "".join(f", {k}={v.spec()!r}" for k, v in (("prefill", self.prefill), ("sequence", self.sequence)) if v)
+        return f"Sieve({self.method.spec()!r}, {self.budget}{extra})"
 
     @contextmanager
-    def attach(self, model: torch.nn.Module) -> Iterator[SieveCache]:
-        """Route ``model``'s attention through kvsieve for the duration of the block; yields a fresh cache."""
+    def attach(self, model: torch.nn.Module, cache: SieveCache | None = None) -> Iterator[SieveCache]:
+        """Route ``model``'s attention through kvsieve for the duration of the block; yields a fresh cache, or
+        ``cache`` (one made by an earlier block of this sieve, e.g. to continue a conversation later)."""
         check_model(model)
-        if self.method.rerotate and any(
-            t != "full_attention" for t in getattr(model.config.get_text_config(), "layer_types", None) or []
-        ):
+        if cache is not None:
+            if not isinstance(cache, SieveCache):
+                raise KVSieveError(f"attach(cache=...) takes a kvsieve cache, got {type(cache).__name__}")
+            if cache.session is not None and cache.session.active:
+                raise KVSieveError("this kvsieve cache is in use by another `attach` block; leave that block first")
+            if cache.sieve_layers() and cache.sieve_layers()[0].rerotate != self.method.rerotate:
+                raise KVSieveError("this cache was made by a sieve with other position handling; use a new cache")
+        sliding = any(t != "full_attention" for t in getattr(model.config.get_text_config(), "layer_types", None) or [])
+        if self.method.rerotate and sliding:
             raise UnsupportedModelError(
                 "re-rotating positions (StreamingLLM) needs every layer to be full attention; this model has "
                 "sliding-window layers. Use streaming_llm(rerotate=False)."
             )
+        if self.sequence is not None:
+            from .sequence import check_sequence
+
+            check_sequence(self, model, sliding)
         before = model.config._attn_implementation
+        session = Session(self, model)
         _register()
         token = None
         try:
             model.set_attn_implementation(attn.ATTENTION_NAME)
-            session = Session(self, model)
             token = _ACTIVE.set(session)
-            yield session.new_cache()
+            session.install(model)
+            if cache is not None:
+                cache.adopt(session)
+                yield cache
+            else:
+                yield session.new_cache()
         finally:
+            session.close()
             if token is not None:
                 _ACTIVE.reset(token)
             model.set_attn_implementation(before)
@@ -159,21 +307,98 @@ class Session:
 
     def __init__(self, sieve: Sieve, model: torch.nn.Module):
         self.sieve, self.method, self.budget = sieve, sieve.method, sieve.budget
+        self.prefill, self.sequence = sieve.prefill, sieve.sequence
         self.config = model.config
         text = model.config.get_text_config()
         self.n_layers = text.num_hidden_layers
         self.max_positions = getattr(text, "max_position_embeddings", None)
         self.inv_freq = find_inv_freq(model) if self.method.rerotate else None
+        m = self.method
+        self.biases = overrides(m, "logit_bias")
+        self.batch_rule = batch_rule(m)
+        self.reads = m.selects
+        # keep-all and nothing to observe, bias, pack or read: attention over what is held, no per-layer work
+        self.plain = m.kind == "keep-all" and not any(
+            overrides(m, hook) for hook in ("observe", "logit_bias", "pack", "reads", "attention_request")
+        )
+        self.active = True
+        self._hooks: list = []
+
+    def install(self, model: torch.nn.Module) -> None:
+        if self.sequence is not None:
+            from .sequence import install_hooks
+
+            self._hooks = install_hooks(model)
+
+    def close(self) -> None:
+        self.active = False
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def new_cache(self) -> SieveCache:
-        return SieveCache(self.config, rerotate=self.method.rerotate, inv_freq=self.inv_freq)
+        return SieveCache(self.config, session=self, rerotate=self.method.rerotate, inv_freq=self.inv_freq)
 
-    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    # --- budgets -------------------------------------------------------------------------------------------------
+    def keep_targets(self, layer: SieveLayer, ctx, cache: SieveCache) -> list[int] | None:
+        """Tokens per head each batch row keeps after this pass (None: no eviction in this pass)."""
+        if not self.method.evicts or not cache.compressing or not self.budget.keeps:
+            return None
+        targets = []
+        for seen in layer.real_seen():
+            target = self.budget.keep_target(seen, ctx.n_new)
+            if target is None:
+                return None
+            targets.append(self.method.layer_budget(target, ctx))
+        per_head = layer.tokens_per_head()
+        if not self.budget.due(sum(per_head) / len(per_head), min(targets), ctx.n_new):
+            return None
+        return targets
+
+    def read_target(self, held: int) -> int | None:
+        return self.budget.read_target(held) if self.reads else None
+
+    # --- attention -----------------------------------------------------------------------------------------------
+    def compute(
+        self, call: attn.AttentionCall, obs, q: int, with_probs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention-compute action point: selected reads, a prefill method, or dense attention.
+
+        ``with_probs`` (a decoding step that evicts): also return the step's attention probabilities ``(B, Hq, T)``
+        when attending to every held token, computed in the same pass.
+        """
+        if q == 1 and obs is not None and obs.read_budget is not None and obs.read_budget < call.keys.shape[2]:
+            index = self.method.reads(obs)
+            if index is not None:
+                return attn.read_selected(call, index), None
+        if q > 1 and self.prefill is not None:
+            return self.prefill.attend(call), None
+        if with_probs and q == 1:
+            return attn.decode_with_probs(call)
+        return attn.dense(call), None
+
+    def attend(self, module, query, key, value, attention_mask, **kwargs):
+        try:
+            return self._attend(module, query, key, value, attention_mask, **kwargs)
+        except BaseException:
+            taken = _failed_update.value
+            if taken is not None:
+                taken[0].abandon_pass(taken[1])
+            raise
+
+    def _attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         taken = take_last_update()
+        _failed_update.value = taken
         if taken is None or taken[1] != module.layer_idx:
             raise KVSieveError(
-                "inside a kvsieve context the model must run with the kvsieve cache: pass "
-                "past_key_values=cache (the object `sieve.attach(model)` yields) and use_cache=True."
+                "inside a kvsieve context the model must run with the kvsieve cache: pass the cache that "
+                "`sieve.attach(model)` yields (kvsieve.cache_kwargs(model, cache)) and use_cache=True."
+            )
+        cache, layer_idx = taken
+        if cache.session is not self:
+            raise KVSieveError(
+                "this kvsieve cache belongs to another `with sieve.attach(model):` block; use the cache of the "
+                "innermost block, or leave the inner block first."
             )
         if kwargs.get("output_attentions"):
             raise UnsupportedModelError(
@@ -184,106 +409,43 @@ class Session:
             raise UnsupportedModelError("kvsieve accepts 2D padding masks only, not custom 4D attention masks")
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        cache, layer_idx = taken
         layer = cache.layers[layer_idx]
+        q = query.shape[2]
+        if self.batch_rule != "any" and query.shape[0] > 1:
+            if self.batch_rule == "single":
+                raise KVSieveError(
+                    f"{self.method.spec()} decides per sequence and runs on batch size 1; run the prompts one at a time"
+                )
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise KVSieveError(
+                    f"{self.method.spec()} lays tokens out by slot, so a left-padded row would not get what it gets "
+                    "alone; run prompts of different lengths one at a time (batches of equal lengths are fine)"
+                )
         if isinstance(layer, SieveLayer):
-            return self._attend_sieve(module, cache, layer, query, attention_mask, scaling, dropout, kwargs), None
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                start = layer.seen - q
+                position_ids = torch.arange(start, start + q, device=query.device)[None]
+            self._check_window(position_ids, layer, q)
+            new_valid = None
+            if attention_mask is not None and not bool(attention_mask[:, -q:].all()):
+                new_valid = attention_mask[:, -q:].bool()
+            out = run_layer(self, module, cache, layer, query, new_valid, scaling, dropout, position_ids)
+            return out, None
         return _attend_window(module, layer, query, key, value, attention_mask, scaling, dropout, kwargs), None
 
-    def _attend_sieve(self, module, cache, layer: SieveLayer, query, mask2d, scaling, dropout, kwargs):
-        q = query.shape[2]
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(layer.get_seq_length(), layer.get_seq_length() + q, device=query.device)[None]
-        self._check_window(position_ids)
-        new_valid = None
-        if mask2d is not None and not bool(mask2d[:, -q:].all()):
-            new_valid = mask2d[:, -q:]
-        layer.commit(position_ids, new_valid)
+    def sequence_step(self, cache, layer_idx: int, pieces: list[tuple], scaling: float, q: int) -> None:
+        """At the sequence method's layer, in a prefill pass: decide which tokens go on (see kvsieve.sequence)."""
+        if self.sequence is not None and q > 1 and layer_idx == self.sequence.layer:
+            from .sequence import decide_pruning
 
-        method, layer_idx = self.method, module.layer_idx
-        target = None  # tokens to keep per head after this pass
-        if self.budget is not None and method.evicts:
-            target = method.layer_budget(self.budget.target(layer.seen), layer_idx, self.n_layers)
-        evicting = cache.compressing and target is not None and layer.length > target
-        request = method.attention_request(evicting)
-        groups = query.shape[1] // layer.n_kv_heads
-        outputs, scores = [], []
-        for seg in layer.segments:
-            q_seg = query[:, seg.head_start * groups : (seg.head_start + seg.n_heads) * groups]
-            keys, values = layer.attention_kv(seg)
-            obs = Observation(
-                layer_idx=layer_idx,
-                n_layers=self.n_layers,
-                keys=keys,
-                values=values,
-                queries=q_seg,
-                positions=seg.positions,
-                valid=seg.valid,
-                attention=None,
-                state=seg.state,
-                n_new=q,
-                scaling=scaling,
-                budget=target if target is not None else seg.length,
-                layer_state=layer.method_state,
-                shared=cache.shared,
-                head_start=seg.head_start,
-            )
-            outputs.append(self._segment_output(module, obs, dropout))
-            if request is not None:
-                obs.attention = attn.column_sums(q_seg, keys, scaling, seg.valid, request)
-            method.observe(obs)
-            if evicting:
-                score = method.score(obs)
-                if seg.valid is not None:  # padding goes first, whatever the method thinks of it
-                    score = score.masked_fill(~seg.valid, float("-inf"))
-                scores.append((obs, score))
-        if evicting:
-            keep = method.select([score for _, score in scores], target)
-            merged = _merged(method, scores, keep)
-            layer.keep(keep)
-            if len(merged) != len(layer.segments):  # per-head picks of equal length were stored as one segment
-                done = [m for m in merged if m is not None]
-                merged = [None]
-                if len(done) == len(keep):
-                    merged = [(torch.cat([m[0] for m in done], dim=1), torch.cat([m[1] for m in done], dim=1))]
-            for seg, update in zip(layer.segments, merged, strict=False):
-                if update is not None:
-                    seg.keys, seg.values = update
-        layer.segments = [method.pack(seg) for seg in layer.segments]
-        return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            decide_pruning(self.sequence, cache, pieces, scaling, q)
 
-    def _segment_output(self, module, obs: Observation, dropout: float) -> torch.Tensor:
-        """sdpa over one segment, through the method's selective reads and logit bias if it has them."""
-        q, keys, values, valid = obs.n_new, obs.keys, obs.values, obs.valid
-        bias = self.method.logit_bias(obs)
-        if self.method.selects and q == 1:
-            # the read budget goes to `reads` alone: obs.budget stays the eviction budget for the other hooks
-            index = self.method.reads(replace(obs, budget=self.read_budget(obs.keys.shape[2])))
-            if index is not None:
-                keys, values, valid, bias = _gather_reads(index, keys, values, valid, bias)
-        t = keys.shape[2]
-        allowed = None
-        if attn.needs_mask(q, t, valid) or bias is not None:
-            shared_valid = valid
-            if valid is not None and valid.shape[1] > 1 and bool((valid == valid[:, :1]).all()):
-                shared_valid = valid[:, :1]
-            allowed = attn.causal_allowed(q, t, shared_valid, device=obs.queries.device)
-        return attn.sdpa_output(module, obs.queries, keys, values, allowed, obs.scaling, dropout, bias=bias)
-
-    def read_budget(self, held: int) -> int:
-        """Tokens a selective-read method attends to per step: the sieve's budget unless an inner method evicts."""
-        own = getattr(self.method, "read_budget", None)
-        if own is not None:
-            return int(own) if own >= 1 else max(1, int(held * own))
-        if self.budget is None:
-            return held
-        return self.budget.target(held)
-
-    def _check_window(self, position_ids: torch.Tensor) -> None:
+    def _check_window(self, position_ids: torch.Tensor, layer: SieveLayer, q: int) -> None:
         if self.max_positions is None:
             return
-        top = int(position_ids.max()) + 1
+        # re-indexing layers count positions within the cache
+        top = layer.held + q if self.method.rerotate else int(position_ids.max()) + 1
         if top > self.max_positions:
             how = (
                 "the budget must stay below the window"
@@ -294,50 +456,6 @@ class Session:
             raise ContextLengthError(
                 f"position {top} is beyond the model's window of {self.max_positions} tokens: {how}."
             )
-
-
-def _merged(method, scores, keep) -> list:
-    """The method's merged (keys, values) for each segment's kept tokens, computed before the gather."""
-    if len(keep) != len(scores):  # a head-wise policy splits the one segment into per-head ones: merge per head
-        (obs, _), = scores
-        return [method.merge(_head_view(obs, h), idx) for h, idx in enumerate(keep)]
-    return [method.merge(obs, idx) for (obs, _), idx in zip(scores, keep, strict=True)]
-
-
-def _head_view(obs: Observation, h: int) -> Observation:
-    """The observation of KV head ``h`` alone (views, no copies)."""
-    g = obs.group_size
-    kv, qs = slice(h, h + 1), slice(h * g, (h + 1) * g)
-    return Observation(
-        layer_idx=obs.layer_idx, n_layers=obs.n_layers, keys=obs.keys[:, kv], values=obs.values[:, kv],
-        queries=obs.queries[:, qs], positions=obs.positions[:, kv],
-        valid=None if obs.valid is None else obs.valid[:, kv],
-        attention=None if obs.attention is None else obs.attention[:, qs],
-        state={k: v[:, kv] for k, v in obs.state.items()}, n_new=obs.n_new, scaling=obs.scaling,
-        budget=obs.budget, layer_state=obs.layer_state, shared=obs.shared, head_start=obs.head_start + h,
-    )
-
-
-def _gather_reads(index, keys, values, valid, bias):
-    """Gather the tokens a selective-read method picked, always including the newest one (index T - 1)."""
-    t = keys.shape[2]
-    newest = torch.full((*index.shape[:2], 1), t - 1, dtype=index.dtype, device=index.device)
-    index = torch.cat([index[index != t - 1].view(*index.shape[:2], -1), newest], dim=-1).sort(dim=-1).values
-    d = keys.shape[-1]
-    keys = keys.gather(2, index[..., None].expand(-1, -1, -1, d))
-    values = values.gather(2, index[..., None].expand(-1, -1, -1, values.shape[-1]))
-    return (keys, values, *gather_valid_and_bias(index, valid, bias))
-
-
-def gather_valid_and_bias(index, valid, bias):
-    """Padding flags ``(B, h, T)`` and logit bias ``(B|1, h*g|1, q, T)`` of the read tokens ``index`` ``(B, h, k)``."""
-    if valid is not None:
-        valid = valid.gather(2, index)
-    if bias is not None:
-        g = bias.shape[1] // index.shape[1] if bias.shape[1] > 1 else 1
-        idx = index.repeat_interleave(g, dim=1) if bias.shape[1] > 1 else index[:, :1]
-        bias = bias.expand(index.shape[0], -1, -1, -1).gather(3, idx[:, :, None, :].expand(-1, -1, bias.shape[2], -1))
-    return valid, bias
 
 
 def _attend_window(module, layer, query, key, value, mask2d, scaling, dropout, kwargs):
@@ -351,7 +469,7 @@ def _attend_window(module, layer, query, key, value, mask2d, scaling, dropout, k
     if mask2d is not None and not bool(mask2d.all()):
         if mask2d.shape[-1] < seen:
             raise UnsupportedModelError("with padding, pass the attention mask for every token seen so far")
-        k_valid = mask2d[:, seen - k : seen]
+        k_valid = mask2d[:, seen - k : seen].bool()
     plain = k_valid is None and (window is None or k < window) and (q == 1 or k == q)
     allowed = None if plain else attn.sliding_allowed(q_pos, k_pos, window, k_valid)
     return attn.sdpa_output(module, query, key, value, allowed, scaling, dropout)

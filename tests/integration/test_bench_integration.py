@@ -12,10 +12,16 @@ from kvsieve.errors import BudgetError, KVSieveError
 
 def test_bench_writes_rows_resumes_and_reports(smollm2, tmp_path):
     model, tok = smollm2
-    config = BenchConfig(tasks=["niah_single_number"], methods=["full", "snapkv", "streaming_llm"],
-                         compressions=[0.5], lengths=[512], samples=1, out=str(tmp_path))
+    config = BenchConfig(
+        tasks=["niah_single_number"],
+        methods=["full", "snapkv", "streaming_llm"],
+        compressions=[0.5],
+        lengths=[512],
+        samples=1,
+        out=str(tmp_path),
+    )
     runner = Runner(config, model, tok)
-    assert runner.units() == 3
+    assert runner.total_rows() == 3
     rows = runner.run()
     assert [r["method"] for r in rows] == ["full", "snapkv", "streaming_llm"]
     full, snap = rows[0], rows[1]
@@ -23,8 +29,22 @@ def test_bench_writes_rows_resumes_and_reports(smollm2, tmp_path):
     # bytes held = tokens kept, int(n * 0.5) of n context tokens, x 30 layers x 3 KV heads x 64 dims x K,V x fp32
     assert snap["kv_bytes"] == int(snap["context_tokens"] * 0.5) * 30 * 3 * 64 * 2 * 4
     for r in rows:
-        assert set(r) >= {"method", "method_params", "compression", "task", "length", "depth", "mode", "score",
-                          "kv_bytes", "prefill_seconds", "decode_seconds_per_token", "model", "versions", "seed"}
+        assert set(r) >= {
+            "method",
+            "method_params",
+            "compression",
+            "task",
+            "length",
+            "depth",
+            "mode",
+            "score",
+            "kv_bytes",
+            "prefill_seconds",
+            "decode_seconds_per_token",
+            "model",
+            "versions",
+            "seed",
+        }
         assert 0.0 <= r["score"] <= 1.0
     # full attention finds the needle at 512 tokens, and decoding stops once the answer is there (score settled)
     answer = full["answers"][0]

@@ -23,8 +23,9 @@ def test_greedy_full_equals_plain_generate(smollm2):
     assert ours.new_token_ids == plain[0, ids.shape[1] :].tolist()
     assert "Paris" in ours.text
     with Sieve("full").attach(model) as cache:  # and through model.generate with the kvsieve cache
-        hooked = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=cache,
-                                pad_token_id=tok.eos_token_id)
+        hooked = model.generate(
+            ids, max_new_tokens=24, do_sample=False, past_key_values=cache, pad_token_id=tok.eos_token_id
+        )
     assert torch.equal(hooked, plain)
 
 

@@ -1,14 +1,16 @@
 """A self-contained HTML report of a benchmark run directory.
 
-:func:`write_report` reads ``results.jsonl`` (and, when present, ``config.json``, ``streaming.jsonl``
-and ``memory.jsonl``) from a run directory and writes ``report.html`` beside them: one file with its
-CSS inline and every chart drawn as inline SVG by the small helpers below. It refers to nothing
-outside itself (no scripts, fonts, stylesheets or images from anywhere), so it opens offline and can
-be mailed or attached to a CI run as is. Even the text taken from the data is written so that the
-file never contains a URL scheme (``"://"`` is written as ``":&#47;&#47;"``, which displays the same).
+:func:`write_report` reads ``results.jsonl`` (and, when present, ``config.json``, ``streaming.jsonl``,
+``memory.jsonl`` and kvpress result directories below it) and writes ``report.html`` beside them: one file with its
+CSS inline and every chart an inline SVG drawn by matplotlib (:mod:`kvsieve.charts`). It refers to nothing outside
+itself (no scripts, fonts, stylesheets or images from anywhere), so it opens offline and can be mailed or attached
+to a CI run as is. Even the text taken from the data is written so that the file never contains a URL scheme
+(``"://"`` is written as ``":&#47;&#47;"``, which displays the same).
 
-Every chart is a ``<figure class="chart" data-chart="ID">`` holding one ``<svg>``; data marks carry
-``class="series"`` (lines), ``class="point"`` or ``class="bar"``, each with a ``<title>`` tooltip.
+Every score cell shows the mean score ×100, its 95% interval and n, and marks a difference from ``full`` that is
+significant at 5% after Holm's correction (:mod:`kvsieve.bench.summary`, :mod:`kvsieve.bench.stats`); the cell's
+numbers are also in its ``data-*`` attributes. Every chart is a ``<figure class="chart" data-chart="ID"
+data-spec="JSON">`` whose ``data-spec`` holds the plotted series.
 """
 
 from __future__ import annotations
@@ -22,56 +24,56 @@ import shlex
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kvsieve import __version__
+from kvsieve.bench.kvpress_reader import SOURCE as KVPRESS
+from kvsieve.bench.kvpress_reader import find_kvpress_dirs, read_kvpress_results
+from kvsieve.bench.stats import Comparison, adjust
 from kvsieve.bench.summary import (
     CONFIG_FILE,
     FULL_METHOD,
     MEMORY_FILE,
+    NO_COMPRESSION,
+    PARTIAL_FILE,
     RESULTS_FILE,
+    SIGNIFICANCE_NOTE,
     STREAMING_FILE,
+    Budget,
+    Cell,
     Row,
+    ScoreTable,
     best_method_per_budget,
-    compressions_in_order,
-    format_compression,
-    full_reference,
+    budget_of,
+    compare,
+    interval_text,
     load_config,
     load_jsonl,
     load_rows,
-    mean_scores,
-    mean_scores_by_task,
+    make_cell,
+    marker,
     memory_table,
+    method_label,
     methods_in_order,
+    missing_rows_messages,
     modes_in_order,
+    n_text,
     norm_compression,
+    partial_lines,
+    score_tables,
     speed_table,
-    tasks_in_order,
+    view_of,
+    views_in_order,
 )
+from kvsieve.charts import STYLES, BarChart, Line, LineChart, colors_for, figure_html, short
 
 REPORT_FILE = "report.html"
 MAX_DETAIL_ROWS = 5000
-
-# Tableau 10: distinct, print-friendly, readable on white.
-PALETTE = (
-    "#4e79a7",
-    "#f28e2b",
-    "#e15759",
-    "#76b7b2",
-    "#59a14f",
-    "#edc948",
-    "#b07aa1",
-    "#ff9da7",
-    "#9c755f",
-    "#17becf",
-)
-FULL_COLOR = "#3a3a3a"
-DASHES = (None, "6 3", "2 3", "8 3 2 3")
-
 MODE_TITLES = {"agnostic": "Query-agnostic", "aware": "Query-aware"}
+SCORE_AXIS = {"y_label": "score ×100", "y_range": (-3.0, 103.0), "y_fmt": lambda t: f"{t:.0f}"}
+Colors = Mapping[str, tuple[str, str]]
 
 
 # ============================================================================================ text helpers
@@ -88,14 +90,6 @@ def esc(value: Any) -> str:
 
 def _cell(value: Any) -> str:
     return value if isinstance(value, Html) else esc(value)
-
-
-def _fmt_num(x: float, digits: int = 3) -> str:
-    if x == 0:
-        return "0"
-    if abs(x) >= 10 ** (digits + 3) or abs(x) < 1e-3:
-        return f"{x:.{digits}g}"
-    return f"{x:,.{digits}g}" if abs(x) < 10**digits else f"{x:,.0f}"
 
 
 def _sig3(v: float) -> str:
@@ -149,425 +143,10 @@ def slug(text: str) -> str:
     return s or "x"
 
 
-def _mode_title(mode: str) -> str:
-    return MODE_TITLES.get(mode, mode.capitalize())
-
-
-def _color_map(names: Iterable[str]) -> dict[str, str]:
-    """A colour per name: :data:`FULL_COLOR` for ``full``, the palette in order for the rest."""
-    colors: dict[str, str] = {}
-    i = 0
-    for n in names:
-        if n in colors:
-            continue
-        if n == FULL_METHOD:
-            colors[n] = FULL_COLOR
-        else:
-            colors[n] = PALETTE[i % len(PALETTE)]
-            i += 1
-    return colors
-
-
-def _dash_of(colors: Mapping[str, str], name: str) -> str | None:
-    """A dash pattern that tells apart names sharing a colour once the palette has wrapped around."""
-    others = [n for n in colors if n != FULL_METHOD]
-    if name not in others:
-        return None
-    return DASHES[(others.index(name) // len(PALETTE)) % len(DASHES)]
-
-
-# ============================================================================================ SVG charts
-FONT = 12
-CHAR_W = 0.62 * FONT  # rough advance width of one character, enough to keep labels apart
-CHART_W = 640
-
-
-@dataclass
-class Series:
-    """One line of a line chart.
-
-    ``points`` are ``(x, y, tooltip)``; with ``reference`` set a dashed horizontal line is also drawn
-    across the whole plot at the first point's y (used for the uncompressed baseline).
-    """
-
-    name: str
-    color: str
-    points: list[tuple[float, float, str]] = field(default_factory=list)
-    dash: str | None = None
-    reference: bool = False
-
-
-@dataclass
-class BarSeries:
-    """One colour of a grouped bar chart: a value (or ``None``) and a tooltip per group."""
-
-    name: str
-    color: str
-    values: list[float | None]
-    tooltips: list[str]
-
-
-def _nice_step(raw: float) -> float:
-    exp = math.floor(math.log10(raw))
-    f = raw / 10**exp
-    nice = 1 if f <= 1 else 2 if f <= 2 else 5 if f <= 5 else 10
-    return nice * 10**exp
-
-
-def linear_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
-    """Round tick values covering ``[lo, hi]`` (about ``target`` intervals)."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return [0.0, 1.0]
-    if hi < lo:
-        lo, hi = hi, lo
-    if hi == lo:
-        pad = abs(hi) * 0.1 or 1.0
-        lo, hi = lo - pad, hi + pad
-    step = _nice_step((hi - lo) / target)
-    start = math.floor(lo / step + 1e-9) * step
-    end = math.ceil(hi / step - 1e-9) * step
-    count = round((end - start) / step)
-    return [round(start + i * step, 12) for i in range(count + 1)]
-
-
-def log_ticks(lo: float, hi: float) -> list[float]:
-    """Decade ticks covering ``[lo, hi]`` (both > 0), with 2× and 5× ticks when few decades are spanned."""
-    a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    if a == b:
-        b += 1
-    ticks = [10.0**e for e in range(a, b + 1)]
-    if b - a <= 2:
-        ticks = sorted({t * m for t in ticks for m in (1, 2, 5) if t * m <= 10.0**b})
-    return ticks
-
-
-def _truncate(text: str, n: int) -> str:
-    """``text`` cut to ``n`` characters with an ellipsis in the middle, so both ends stay readable."""
-    if len(text) <= n:
-        return text
-    head = (n - 1) * 2 // 5
-    return text[:head] + "…" + text[len(text) - (n - 1 - head) :]
-
-
-def _svg_open(chart_id: str, title: str, width: float, height: float) -> str:
-    return (
-        f'<svg viewBox="0 0 {width:.0f} {height:.0f}" width="{width:.0f}" height="{height:.0f}" '
-        f'role="img" aria-label="{esc(title)}" font-size="{FONT}" data-chart="{esc(chart_id)}">'
-    )
-
-
-def _titles(title: str, subtitle: str | None, left: float) -> tuple[str, float]:
-    parts = [f'<text class="title" x="{left:.1f}" y="18" font-size="14" font-weight="600">{esc(title)}</text>']
-    top = 34.0
-    if subtitle:
-        parts.append(f'<text class="subtitle" x="{left:.1f}" y="34" fill="#59636e">{esc(subtitle)}</text>')
-        top = 48.0
-    return "".join(parts), top
-
-
-def _legend(items: Sequence[tuple[str, str, str | None, str]], x: float, y: float, max_chars: int) -> str:
-    """Legend rows ``(name, colour, dash, kind)`` with kind ``line`` or ``box``, stacked from (x, y)."""
-    out = ['<g class="legend">']
-    for i, (name, color, dash, kind) in enumerate(items):
-        yy = y + i * 18
-        if kind == "box":
-            sw = f'<rect x="{x:.1f}" y="{yy - 5:.1f}" width="16" height="10" rx="2" fill="{color}"/>'
-        else:
-            dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-            sw = (
-                f'<line x1="{x:.1f}" y1="{yy:.1f}" x2="{x + 18:.1f}" y2="{yy:.1f}" stroke="{color}" '
-                f'stroke-width="2.5"{dash_attr}/>'
-                f'<circle cx="{x + 9:.1f}" cy="{yy:.1f}" r="3" fill="{color}"/>'
-            )
-        label = _truncate(name, max_chars)
-        out.append(f'<g><title>{esc(name)}</title>{sw}<text x="{x + 24:.1f}" y="{yy + 4:.1f}">{esc(label)}</text></g>')
-    out.append("</g>")
-    return "".join(out)
-
-
-def _legend_width(names: Iterable[str], max_chars: int = 26) -> float:
-    longest = max((min(len(n), max_chars) for n in names), default=0)
-    return 24 + longest * CHAR_W + 12
-
-
-def _x_tick_labels(ticks: Sequence[tuple[float, str]], y: float) -> str:
-    """Tick labels centred under their ticks; a label that would overlap the previous one is left out."""
-    out: list[str] = []
-    last_right = -math.inf
-    for px, label in ticks:
-        half = len(label) * CHAR_W / 2
-        if px - half < last_right + 6:
-            continue
-        out.append(f'<text x="{px:.1f}" y="{y:.1f}" text-anchor="middle">{esc(label)}</text>')
-        last_right = px + half
-    return "".join(out)
-
-
-def line_chart(
-    chart_id: str,
-    title: str,
-    series: Sequence[Series],
-    *,
-    x_label: str,
-    y_label: str,
-    x_fmt: Callable[[float], str] = _fmt_num,
-    y_fmt: Callable[[float], str] = _fmt_num,
-    x_ticks: Sequence[float] | None = None,
-    y_domain: tuple[float, float] | None = None,
-    x_zero: bool = False,
-    y_zero: bool = False,
-    log_y: bool = False,
-    subtitle: str | None = None,
-) -> str:
-    """An SVG line chart: axes, ticks, gridlines, one polyline + point markers per series, a legend.
-
-    Non-finite points (and, with ``log_y``, non-positive ones) are dropped. ``x_ticks`` fixes the x
-    ticks (the domain spans them); otherwise round ticks are chosen, from 0 when ``x_zero``.
-    ``y_domain`` fixes the y range; otherwise it spans the data (from 0 when ``y_zero``).
-    """
-    ok = (lambda y: math.isfinite(y) and y > 0) if log_y else math.isfinite
-    clean = [
-        Series(s.name, s.color, [p for p in s.points if math.isfinite(p[0]) and ok(p[1])], s.dash, s.reference)
-        for s in series
-    ]
-    clean = [s for s in clean if s.points]
-    xs = [p[0] for s in clean for p in s.points]
-    ys = [p[1] for s in clean for p in s.points]
-
-    if x_ticks:
-        xt = sorted(set(x_ticks))
-    elif xs:
-        xt = linear_ticks(min([*xs, 0.0]) if x_zero else min(xs), max(xs))
-    else:
-        xt = [0.0, 1.0]
-    x0, x1 = xt[0], xt[-1]
-    if x1 == x0:
-        x0, x1 = x0 - 0.5, x1 + 0.5
-
-    if y_domain is not None:
-        y0, y1 = y_domain
-        yt = linear_ticks(y0, y1)
-    elif log_y and ys:
-        yt = log_ticks(min(ys), max(ys))
-        y0, y1 = yt[0], yt[-1]
-    elif ys:
-        yt = linear_ticks(min([*ys, 0.0]) if y_zero else min(ys), max(ys))
-        y0, y1 = yt[0], yt[-1]
-    else:
-        yt = [0.0, 1.0]
-        y0, y1 = 0.0, 1.0
-    yt = [t for t in yt if y0 - 1e-12 <= t <= y1 + 1e-12]
-
-    y_labels = [y_fmt(t) for t in yt]
-    left = 30 + max((len(t) for t in y_labels), default=1) * CHAR_W + 8
-    legend_items = [(s.name, s.color, "5 4" if s.reference and not s.dash else s.dash, "line") for s in clean]
-    legend_w = _legend_width(s.name for s in clean)
-    right = CHART_W - legend_w
-    head, top = _titles(title, subtitle, left)
-    plot_h = max(220.0, len(legend_items) * 18 + 8)
-    bottom = top + plot_h
-    height = bottom + 46
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (right - left)
-
-    def sy(y: float) -> float:
-        if log_y:
-            a, b = math.log10(y0), math.log10(y1)
-            return bottom - (math.log10(y) - a) / (b - a) * (bottom - top)
-        return bottom - (y - y0) / (y1 - y0) * (bottom - top)
-
-    out = [_svg_open(chart_id, title, CHART_W, height), head]
-    # grid and axes
-    out.append('<g class="grid" stroke="#e6e9ed" stroke-width="1">')
-    out.extend(f'<line x1="{left:.1f}" x2="{right:.1f}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>' for t in yt)
-    out.extend(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top:.1f}" y2="{bottom:.1f}"/>' for t in xt)
-    out.append("</g>")
-    out.append(_axis_path(left, top, bottom, right))
-    out.append('<g class="ticks" fill="#444c56">')
-    out.extend(
-        f'<text x="{left - 6:.1f}" y="{sy(t) + 4:.1f}" text-anchor="end">{esc(lab)}</text>'
-        for t, lab in zip(yt, y_labels, strict=True)
-    )
-    out.append(_x_tick_labels([(sx(t), x_fmt(t)) for t in xt], bottom + 16))
-    out.append("</g>")
-    out.append(
-        f'<text class="axis-label" x="{(left + right) / 2:.1f}" y="{bottom + 38:.1f}" '
-        f'text-anchor="middle" fill="#24292f">{esc(x_label)}</text>'
-    )
-    cy = (top + bottom) / 2
-    out.append(
-        f'<text class="axis-label" x="14" y="{cy:.1f}" transform="rotate(-90 14 {cy:.1f})" '
-        f'text-anchor="middle" fill="#24292f">{esc(y_label)}</text>'
-    )
-    # data
-    for s in clean:
-        dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
-        g = [f'<g class="line" data-series="{esc(s.name)}">']
-        if s.reference:
-            yref = sy(s.points[0][1])
-            g.append(
-                f'<path class="series reference" d="M{left:.1f} {yref:.1f}H{right:.1f}" fill="none" '
-                f'stroke="{s.color}" stroke-width="1.5" stroke-dasharray="5 4" opacity="0.8">'
-                f"<title>{esc(s.points[0][2])}</title></path>"
-            )
-        pts = sorted(s.points, key=lambda p: p[0])
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in pts)
-        g.append(
-            f'<polyline class="series" points="{coords}" fill="none" stroke="{s.color}" stroke-width="2.2" '
-            f'stroke-linejoin="round" stroke-linecap="round"{dash}><title>{esc(s.name)}</title></polyline>'
-        )
-        r = 3.5 if len(pts) <= 40 else 2.0
-        g.extend(
-            f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{r}" fill="{s.color}" '
-            f'stroke="#fff" stroke-width="1"><title>{esc(tip)}</title></circle>'
-            for x, y, tip in pts
-        )
-        g.append("</g>")
-        out.append("".join(g))
-    if not clean:
-        out.append(
-            f'<text x="{(left + right) / 2:.1f}" y="{cy:.1f}" text-anchor="middle" fill="#59636e">no data</text>'
-        )
-    out.append(_legend(legend_items, right + 16, top + 8, 26))
-    out.append("</svg>")
-    return "".join(out)
-
-
-def bar_chart(
-    chart_id: str,
-    title: str,
-    groups: Sequence[str],
-    series: Sequence[BarSeries],
-    *,
-    y_label: str,
-    y_fmt: Callable[[float], str] = _fmt_num,
-    ref: float | None = None,
-    ref_label: str | None = None,
-    subtitle: str | None = None,
-) -> str:
-    """An SVG grouped bar chart: one group per entry of ``groups``, one bar per series inside it.
-
-    ``ref`` draws a dashed horizontal reference line (e.g. 1.0 = as fast as the baseline). Group labels
-    are rotated when they would not fit side by side.
-    """
-    vals = [v for s in series for v in s.values if v is not None and math.isfinite(v)]
-    top_val = max([*vals, ref or 0.0, 0.0])
-    yt = linear_ticks(0.0, top_val * 1.05 if top_val > 0 else 1.0)
-    y0, y1 = yt[0], yt[-1]
-    y_labels = [y_fmt(t) for t in yt]
-    left = 30 + max(len(t) for t in y_labels) * CHAR_W + 8
-    legend_w = _legend_width([s.name for s in series] + ([ref_label] if ref_label else []))
-    right = CHART_W - legend_w
-    head, top = _titles(title, subtitle, left)
-    n_groups = max(len(groups), 1)
-    gw = (right - left) / n_groups
-    label_w = min(max((len(g) for g in groups), default=0), 24) * CHAR_W
-    rotate = label_w > gw - 6
-    if rotate:  # labels at -45° run down-left from their group: leave room for the first one on the left
-        reach = label_w * math.cos(math.pi / 4) + 8
-        if reach > left + gw / 2:
-            left = reach - gw / 2
-            gw = (right - left) / n_groups
-    label_room = label_w * math.sin(math.pi / 4) + 14 if rotate else 18
-    plot_h = max(220.0, (len(series) + 1) * 18 + 8)
-    bottom = top + plot_h
-    height = bottom + label_room + 30
-
-    def sy(y: float) -> float:
-        return bottom - (y - y0) / (y1 - y0) * (bottom - top)
-
-    out = [_svg_open(chart_id, title, CHART_W, height), head]
-    out.append('<g class="grid" stroke="#e6e9ed" stroke-width="1">')
-    out.extend(f'<line x1="{left:.1f}" x2="{right:.1f}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>' for t in yt)
-    out.append("</g>")
-    out.append('<g class="ticks" fill="#444c56">')
-    out.extend(
-        f'<text x="{left - 6:.1f}" y="{sy(t) + 4:.1f}" text-anchor="end">{esc(lab)}</text>'
-        for t, lab in zip(yt, y_labels, strict=True)
-    )
-    for i, gname in enumerate(groups):
-        cx = left + (i + 0.5) * gw
-        label = esc(_truncate(gname, 24))
-        if rotate:
-            ty = bottom + 14
-            out.append(
-                f'<text x="{cx:.1f}" y="{ty:.1f}" text-anchor="end" '
-                f'transform="rotate(-45 {cx:.1f} {ty:.1f})">'
-                f"<title>{esc(gname)}</title>{label}</text>"
-            )
-        else:
-            out.append(f'<text x="{cx:.1f}" y="{bottom + 16:.1f}" text-anchor="middle">{label}</text>')
-    out.append("</g>")
-    cy = (top + bottom) / 2
-    out.append(
-        f'<text class="axis-label" x="14" y="{cy:.1f}" transform="rotate(-90 14 {cy:.1f})" '
-        f'text-anchor="middle" fill="#24292f">{esc(y_label)}</text>'
-    )
-    inner = gw * 0.72
-    bw = inner / max(len(series), 1)
-    for si, s in enumerate(series):
-        out.append(f'<g class="bars" data-series="{esc(s.name)}">')
-        for gi, v in enumerate(s.values):
-            if v is None or not math.isfinite(v):
-                continue
-            x = left + gi * gw + (gw - inner) / 2 + si * bw
-            yv = sy(max(v, y0))
-            out.append(
-                f'<rect class="bar" x="{x + 1:.1f}" y="{yv:.1f}" width="{max(bw - 2, 1):.1f}" '
-                f'height="{max(bottom - yv, 0.5):.1f}" rx="2" fill="{s.color}">'
-                f"<title>{esc(s.tooltips[gi])}</title></rect>"
-            )
-            if bw >= 30:
-                out.append(
-                    f'<text x="{x + bw / 2:.1f}" y="{yv - 4:.1f}" text-anchor="middle" font-size="10" '
-                    f'fill="#444c56">{esc(y_fmt(v))}</text>'
-                )
-        out.append("</g>")
-    if ref is not None and y0 <= ref <= y1:
-        out.append(
-            f'<path class="reference" d="M{left:.1f} {sy(ref):.1f}H{right:.1f}" stroke="{FULL_COLOR}" '
-            f'stroke-width="1.5" stroke-dasharray="5 4"><title>{esc(ref_label or "reference")}</title></path>'
-        )
-    out.append(_axis_path(left, top, bottom, right))
-    items: list[tuple[str, str, str | None, str]] = [(s.name, s.color, None, "box") for s in series]
-    if ref is not None and ref_label:
-        items.append((ref_label, FULL_COLOR, "5 4", "line"))
-    out.append(_legend(items, right + 16, top + 8, 26))
-    out.append("</svg>")
-    return "".join(out)
-
-
-def _axis_path(left: float, top: float, bottom: float, right: float) -> str:
-    return f'<path class="axis" d="M{left:.1f} {top:.1f}V{bottom:.1f}H{right:.1f}" fill="none" stroke="#57606a"/>'
-
-
-def _figure(chart_id: str, svg: str, caption: str | None = None) -> str:
-    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    return f'<figure class="chart" data-chart="{esc(chart_id)}">{svg}{cap}</figure>'
-
-
-def overlap_note(series: Sequence[Series]) -> str | None:
-    """A sentence naming series whose points coincide exactly (so that one line hides the others)."""
-    groups: dict[tuple[tuple[float, float], ...], list[str]] = defaultdict(list)
-    for s in series:
-        pts = tuple(sorted((round(x, 9), round(y, 6)) for x, y, _ in s.points if math.isfinite(x) and math.isfinite(y)))
-        if pts and not s.reference:
-            groups[pts].append(s.name)
-    same = [names for names in groups.values() if len(names) > 1]
-    if not same:
-        return None
-
-    def join(names: list[str]) -> str:
-        return " = ".join(names) if len(names) <= 4 else " = ".join(names[:3]) + f" and {len(names) - 3} more"
-
-    return "Overlapping lines (identical values): " + "; ".join(join(names) for names in same) + "."
-
-
-def _line_figure(chart_id: str, title: str, series: Sequence[Series], caption: str | None = None, **kw: Any) -> str:
-    """A chart figure holding :func:`line_chart`, captioned with ``caption`` and any :func:`overlap_note`."""
-    notes = " ".join(n for n in (caption, overlap_note(series)) if n)
-    return _figure(chart_id, line_chart(chart_id, title, series, **kw), notes or None)
+def _mode_title(view: str) -> str:
+    """``"agnostic · multiturn"`` → ``"Query-agnostic · multi-turn conversation"``."""
+    mode, _, turn = view.partition(" · ")
+    return MODE_TITLES.get(mode, mode.capitalize()) + (" · multi-turn conversation" if turn else "")
 
 
 # ============================================================================================ HTML pieces
@@ -601,31 +180,6 @@ def html_table(
         f'<div class="table-wrap"><table{cls_attr}><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></div>"
     )
-
-
-def _heat(score: float) -> str:
-    """A light blue background whose depth follows a score in [0, 1]."""
-    s = min(max(score, 0.0), 1.0)
-    return f"background:hsl(212,80%,{97 - 24 * s:.0f}%)"
-
-
-def _score_table(scores: Mapping[tuple[str, str, float], tuple[float, int]], mode: str, methods: Sequence[str]) -> str:
-    comps = sorted({c for (md, _m, c) in scores if md == mode})
-    present = [m for m in methods if any(md == mode and mm == m for (md, mm, _c) in scores)]
-    headers = ["method", *[format_compression(c) for c in comps]]
-    body: list[list[Any]] = []
-    for m in present:
-        row: list[Any] = [Html(f'<span class="swatch" data-method="{esc(m)}"></span>{esc(m)}')]
-        for c in comps:
-            v = scores.get((mode, m, c))
-            if v is None:
-                row.append(Html('<span class="na">–</span>'))
-            else:
-                row.append(
-                    Html(f'<span style="{_heat(v[0])}" class="heat" title="n = {v[1]}">{_score100(v[0])}</span>')
-                )
-        body.append(row)
-    return html_table(headers, body, cls="scores")
 
 
 def _meta_value(config: Mapping[str, Any] | None, *keys: str) -> Any:
@@ -672,7 +226,14 @@ def _header(rows: Sequence[Row], config: Mapping[str, Any] | None, run_dir: Path
     versions = _versions(rows, config)
     ver_html = " ".join(f'<span class="pill">{esc(k)} {esc(" / ".join(v))}</span>' for k, v in versions.items()) or "–"
     command = _command_text(_meta_value(config, *_COMMAND_KEYS))
-    runs = list(dict.fromkeys(str(r["run_id"]) for r in rows if r.get("run_id")))
+    runs = list(dict.fromkeys(str(r["run_id"]) for r in rows if r.get("run_id") and r.get("source") != KVPRESS))
+    kvpress_dirs = len({r.get("run_id") for r in rows if r.get("source") == KVPRESS})
+    kvpress_rows = sum(1 for r in rows if r.get("source") == KVPRESS)
+    count = f"{len(rows) - kvpress_rows:,}" + (
+        f" from {RESULTS_FILE}, {kvpress_rows:,} from {kvpress_dirs:,} kvpress result directories"
+        if kvpress_rows
+        else ""
+    )
     items = [
         ("Model", esc(model)),
         ("Date", esc(date)),
@@ -680,7 +241,7 @@ def _header(rows: Sequence[Row], config: Mapping[str, Any] | None, run_dir: Path
         ("Command", f"<code>{esc(command)}</code>" if command else "–"),
         ("Run", esc(", ".join(runs)) if runs else "–"),
         ("Directory", f"<code>{esc(run_dir)}</code>"),
-        ("Rows", esc(f"{len(rows):,}")),
+        ("Rows", esc(count)),
     ]
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     return f'<header><h1>kvsieve report <span class="model">{esc(model)}</span></h1><dl class="meta">{dl}</dl></header>'
@@ -692,149 +253,305 @@ def _section(sid: str, title: str, body: str, intro: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- sections
-def _score_series(
-    scores: Mapping[tuple[str, str, float], tuple[float, int]],
-    mode: str,
-    methods: Sequence[str],
-    colors: Mapping[str, str],
-    label: str,
-) -> list[Series]:
-    out: list[Series] = []
-    ref = full_reference(scores, mode)
-    for m in methods:
-        if m == FULL_METHOD:
-            if ref is not None:
-                pts = [(0.0, ref[0] * 100, f"full: {ref[0] * 100:.1f} (n = {ref[1]}) — {label}")]
-                out.append(Series(FULL_METHOD, colors[m], pts, reference=True))
+def _heat(score: float) -> str:
+    """A light blue background whose depth follows a score in [0, 1]."""
+    s = min(max(score, 0.0), 1.0)
+    return f"background:hsl(212,80%,{97 - 24 * s:.0f}%)"
+
+
+def _data_attrs(values: Mapping[str, Any]) -> str:
+    """``data-*`` attributes (numbers to 6 significant digits), leaving out ``None`` and NaN."""
+    out = []
+    for k, v in values.items():
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
             continue
-        pts = [
-            (c, v[0] * 100, f"{m} @ {format_compression(c)}: {v[0] * 100:.1f} (n = {v[1]}) — {label}")
-            for (md, mm, c), v in scores.items()
-            if md == mode and mm == m
-        ]
-        if pts:
-            out.append(Series(m, colors[m], pts, dash=_dash_of(colors, m)))
-    return out
+        out.append(f'data-{k}="{esc(f"{v:.6g}" if isinstance(v, float) else v)}"')
+    return " ".join(out)
 
 
-def _scores_section(rows: Sequence[Row], colors: Mapping[str, str]) -> str:
-    methods = methods_in_order(rows)
-    scores = mean_scores(rows)
-    by_task = mean_scores_by_task(rows)
-    comps = compressions_in_order(rows)
-    x_ticks = sorted({0.0, *comps})
-    tables: list[str] = []
-    charts: list[str] = []
-    task_tables: list[str] = []
-    scored_modes = [mode for mode in modes_in_order(rows) if any(md == mode for (md, _m, _c) in scores)]
-    if not scored_modes:
+def _tip(cell: Cell, test: Comparison | None = None, reference: str = "full") -> str:
+    """``"75.0 [50, 90] (n = 4); vs full −12.5, p = 0.5 (McNemar exact; Holm 1)"``."""
+    text = f"{_score100(cell.mean)} {interval_text(cell)} ({n_text(cell).replace('=', ' = ', 1)})".replace("  ", " ")
+    if test is not None:
+        text += (
+            f"; vs {reference} on {test.n} paired samples {test.delta * 100:+.1f}, p = {test.p:.2g} "
+            f"({test.test}; Holm-adjusted {test.p_holm:.2g})" + (", significant at 5%" if test.significant else "")
+        )
+    return text
+
+
+def _score_cell(cell: Cell | None, test: Comparison | None = None, expected: int | None = None) -> Html:
+    """A table cell: score ×100 on a heat background, a ▲/▼ mark, and under it the 95% interval and n."""
+    if cell is None:
+        missing = f'<div class="sub warn">n=0 of {expected} expected</div>' if expected else ""
+        return Html(f'<span class="na">–</span>{missing}')
+    mark = marker(test)
+    sig = "" if not mark or test is None else ("better" if test.delta > 0 else "worse")
+    attrs = _data_attrs(
+        {
+            "mean": cell.mean,
+            "n": cell.n,
+            "lo": cell.lo,
+            "hi": cell.hi,
+            "interval": cell.interval or None,
+            "expected": cell.expected,
+            "present": cell.present,
+            "p": test.p if test else None,
+            "p-holm": test.p_holm if test else None,
+            "sig": sig or None,
+        }
+    )
+    sub = f"{interval_text(cell)} {n_text(cell)}".strip()
+    return Html(
+        f'<span class="score" {attrs}><span class="heat" style="{_heat(cell.mean)}" title="{esc(_tip(cell, test))}">'
+        f'{_score100(cell.mean)}</span><span class="mark {sig}">{mark}</span></span>'
+        f'<div class="sub{" warn" if cell.missing else ""}">{esc(sub)}</div>'
+    )
+
+
+def _score_table(t: ScoreTable, expected: Callable[[str, Budget], int | None]) -> str:
+    headers = ["method", *[b.label for b in t.budgets]]
+    body = [
+        [Html(f'<span data-method="{esc(m)}">{esc(m)}</span>')]
+        + [_score_cell(t.cells.get((m, b)), t.vs_full.get((m, b)), expected(m, b)) for b in t.budgets]
+        for m in t.methods
+    ]
+    return html_table(headers, body, cls="scores")
+
+
+def _table_note(t: ScoreTable) -> str:
+    parts = []
+    if t.full_from:
+        parts.append(
+            f"full is not in this mode: its row comes from {t.full_from} (the full cache does not depend on it)."
+        )
+    if t.tests:
+        parts.append(f"▲/▼ Holm-corrected over the {t.tests} comparison(s) with full in this table.")
+    return f'<p class="note">{esc(" ".join(parts))}</p>' if parts else ""
+
+
+def _expected_lookup(t: ScoreTable) -> Callable[[str, Budget], int | None]:
+    want = {(m, b): w for m, b, w, _h in t.missing}
+    return lambda m, b: want.get((m, b))
+
+
+def _score_lines(t: ScoreTable, colors: Colors, label: str, kind: str = "compression") -> list[Line]:
+    """A reference line for full and a line per method over the budgets of ``kind``, with 95% intervals."""
+    lines: list[Line] = []
+    if t.full is not None:
+        c = t.full
+        tip = f"full: {_tip(c)} — {label}" + (f" (from {t.full_from})" if t.full_from else "")
+        lines.append(Line(FULL_METHOD, [(0.0, c.mean * 100)], [tip], color=colors[FULL_METHOD][0], reference=True))
+    for m in t.methods:
+        pts = [(b, t.cells[(m, b)]) for b in t.budgets if b.kind == kind and (m, b) in t.cells]
+        if m == FULL_METHOD or not pts:
+            continue
+        lines.append(
+            Line(
+                m,
+                [(b.value, c.mean * 100) for b, c in pts],
+                [f"{m} @ {b.label}: {_tip(c, t.vs_full.get((m, b)))} — {label}" for b, c in pts],
+                [(c.lo * 100, c.hi * 100) if c.interval else (c.mean * 100, c.mean * 100) for _b, c in pts],
+                *colors[m],
+            )
+        )
+    return lines
+
+
+def _score_chart(cid: str, title: str, t: ScoreTable, colors: Colors, label: str, kind: str, subtitle: str) -> str:
+    values = sorted({b.value for b in t.budgets if b.kind == kind})
+    if kind == "compression":
+        axis = {
+            "x_label": "compression (fraction of KV removed)",
+            "x_ticks": sorted({0.0, *values}),
+            "x_fmt": lambda v: f"{v * 100:.4g}%",
+        }
+    else:
+        axis = {"x_label": "token budget (log scale)", "x_ticks": values, "x_fmt": lambda v: f"{v:,.0f}", "log_x": True}
+    return figure_html(
+        LineChart(cid, title, _score_lines(t, colors, label, kind), subtitle=subtitle, **axis, **SCORE_AXIS)
+    )
+
+
+def _scores_parts(rows: Sequence[Row], config: Mapping[str, Any] | None, colors: Colors, prefix: str) -> dict:
+    """The summary tables, the score charts and the best-method table of one model's rows."""
+    tables = score_tables(rows, config)
+    overall = [t for t in tables if t.task is None]
+    if not any(t.cells for t in overall):
         msg = (
             f'<p class="empty"><strong>No scores.</strong> All {len(rows):,} rows lack a finite score, '
             "so there is nothing to summarise or plot.</p>"
         )
-        return _section("summary", "Summary", msg)
-    for mode in scored_modes:
-        title = _mode_title(mode)
-        tables.append(f"<h3>{esc(title)}</h3>{_score_table(scores, mode, methods)}")
-        figs: list[str] = []
-        cid = f"score-{slug(mode)}-all"
-        n_samples = sum(v[1] for (md, m, _c), v in scores.items() if md == mode and m != FULL_METHOD)
-        fig = _line_figure(
-            cid,
-            "All tasks",
-            _score_series(scores, mode, methods, colors, "all tasks"),
-            x_label="compression (fraction of KV removed)",
-            y_label="score ×100",
-            x_fmt=format_compression,
-            y_fmt=lambda t: f"{t:.0f}",
-            x_ticks=x_ticks,
-            y_domain=(0.0, 100.0),
-            subtitle=f"{title} · mean over tasks · {n_samples:,} scored rows",
+        return {"summary": msg, "curves": "", "best": "", "missing": missing_rows_messages(overall)}
+    summary, curves = [], []
+    for t in overall:
+        title = _mode_title(t.view)
+        per_task = [u for u in tables if u.view == t.view and u.task is not None]
+        task_html = "".join(f"<h4>{esc(u.task)}</h4>{_score_table(u, _expected_lookup(u))}" for u in per_task)
+        summary.append(
+            f"<h3>{esc(title)}</h3>{_score_table(t, _expected_lookup(t))}{_table_note(t)}"
+            + (f"<details><summary>Scores per task</summary>{task_html}</details>" if per_task else "")
         )
-        figs.append(fig)
-        for task in tasks_in_order(rows):
-            tscores = {(md, m, c): v for (t, md, m, c), v in by_task.items() if t == task}
-            if not any(md == mode for (md, _m, _c) in tscores):
-                continue
-            cid = f"score-{slug(mode)}-task-{slug(task)}"
-            fig = _line_figure(
-                cid,
-                task,
-                _score_series(tscores, mode, methods, colors, task),
-                x_label="compression (fraction of KV removed)",
-                y_label="score ×100",
-                x_fmt=format_compression,
-                y_fmt=lambda t: f"{t:.0f}",
-                x_ticks=x_ticks,
-                y_domain=(0.0, 100.0),
-                subtitle=title,
-            )
-            figs.append(fig)
-        charts.append(f'<h3>{esc(title)}</h3><div class="charts">{"".join(figs)}</div>')
-        per_task = "".join(
-            f"<h4>{esc(task)}</h4>"
-            + _score_table(
-                {(md, m, c): v for (t, md, m, c), v in by_task.items() if t == task and md == mode},
-                mode,
-                methods,
-            )
-            for task in tasks_in_order(rows)
-            if any(t == task and md == mode for (t, md, _m, _c) in by_task)
-        )
-        task_tables.append(f"<h3>{esc(title)}</h3>{per_task}")
-    summary = _section(
-        "summary",
-        "Summary",
-        "".join(tables) + f"<details><summary>Scores per task</summary>{''.join(task_tables)}</details>",
-        "Mean score ×100 over all tasks and samples; columns are the fraction of the context's KV cache "
-        "removed (0% = the full cache). Hover a cell for the number of rows.",
-    )
-    curves = _section(
-        "curves",
-        "Score vs compression",
-        "".join(charts),
-        "One line per method; the dashed line is the uncompressed (full) cache.",
-    )
-    return summary + curves
+        v = slug(t.view)
+        n_rows = sum(c.n for (m, _b), c in t.cells.items() if m != FULL_METHOD)
+        figs = []
+        for kind, suffix in (("compression", ""), ("tokens", "-tokens")):
+            if any(b.kind == kind and m != FULL_METHOD for m, b in t.cells):
+                figs.append(
+                    _score_chart(
+                        f"{prefix}score-{v}-all{suffix}",
+                        "All tasks",
+                        t,
+                        colors,
+                        "all tasks",
+                        kind,
+                        f"{title} · mean over tasks · {n_rows:,} scored rows",
+                    )
+                )
+                figs += [
+                    _score_chart(
+                        f"{prefix}score-{v}-task-{slug(u.task or '')}{suffix}",
+                        u.task or "",
+                        u,
+                        colors,
+                        u.task or "",
+                        kind,
+                        title,
+                    )
+                    for u in per_task
+                    if any(b.kind == kind and m != FULL_METHOD for m, b in u.cells)
+                ]
+        curves.append(f'<h3>{esc(title)}</h3><div class="charts">{"".join(figs)}</div>' if figs else "")
+    return {
+        "summary": "".join(summary),
+        "curves": "".join(curves),
+        "best": _best_table(rows, tables),
+        "missing": missing_rows_messages(overall),
+    }
 
 
-def _best_section(rows: Sequence[Row]) -> str:
-    best = best_method_per_budget(rows)
+def _best_table(rows: Sequence[Row], tables: list[ScoreTable]) -> str:
+    best = best_method_per_budget(rows, tables)
     if not best:
-        return _section("best", "Best method per budget", '<p class="empty">No compressed methods in the results.</p>')
+        return '<p class="empty">No compressed methods in the results.</p>'
+
+    def versus(test: Comparison | None, ref: str) -> Html:
+        if test is None:
+            return Html('<span class="na">–</span>')
+        attrs = _data_attrs({"p": test.p, "p-holm": test.p_holm, "delta": test.delta, "sig": int(test.significant)})
+        verdict = "significant" if test.significant else "not significant"
+        title = f"{test.test} on {test.n} paired samples; p = {test.p:.2g}, Holm-adjusted {test.p_holm:.2g}"
+        return Html(
+            f'<span class="versus" {attrs} title="{esc(title)}">{test.delta * 100:+.1f} '
+            f'<span class="{"warn" if test.significant else "na"}">(p = {test.p_holm:.2g}, {verdict})</span></span>'
+        )
+
     body = [
         [
             _mode_title(b.mode),
-            format_compression(b.compression),
+            b.budget.label,
             Html(f"<strong>{esc(b.method)}</strong>"),
-            _score100(b.score),
-            _score100(b.full_score),
-            "–" if b.delta_vs_full is None else f"{b.delta_vs_full * 100:+.1f}",
+            _score_cell(b.cell, b.vs_full),
+            _score_cell(b.full),
+            versus(b.vs_full, "full"),
             b.runner_up or "–",
-            _score100(b.runner_up_score),
+            _score_cell(b.runner_up_cell),
+            versus(b.vs_runner_up, b.runner_up or ""),
         ]
         for b in best
     ]
-    table = html_table(
-        ["mode", "compression", "best method", "score", "full", "Δ vs full", "runner-up", "runner-up score"],
+    return html_table(
+        [
+            "mode",
+            "budget",
+            "best method",
+            "score",
+            "full",
+            "best − full",
+            "runner-up",
+            "runner-up score",
+            "best − runner-up",
+        ],
         body,
         cls="best",
-        align="lrlrrrlr",
+        align="lrlrrrlrr",
     )
-    return _section("best", "Best method per budget", table, "Highest mean score ×100 at each compression.")
 
 
-def _memory_section(rows: Sequence[Row], memory_rows: Sequence[Row], colors: Mapping[str, str]) -> str:
+def _questions_section(rows: Sequence[Row], colors: Colors, prefix: str) -> str:
+    """Scores per question of multi-question tasks: does a compressed cache hold up over later questions?"""
+    multi = {r.get("task") for r in rows if (r.get("question_index") or 0) > 0}
+    rows = [r for r in rows if r.get("task") in multi]
+    if not rows:
+        return ""
+    parts = []
+    for view in views_in_order(rows):
+        groups: dict[tuple[str, Budget, int], list[Row]] = defaultdict(list)
+        for r in rows:
+            if view_of(r) == view:
+                groups[(method_label(r), budget_of(r), int(r.get("question_index") or 0))].append(r)
+        cells = {k: c for k, g in groups.items() if (c := make_cell(g)) is not None}
+        questions = sorted({q for _m, _b, q in cells})
+        tests = {
+            k: c
+            for k, cell in cells.items()
+            if k[0] != FULL_METHOD
+            and (full := cells.get((FULL_METHOD, NO_COMPRESSION, k[2]))) is not None
+            and (c := compare(cell, full)) is not None
+        }
+        tests = adjust(tests)
+        keys = sorted({(m, b) for m, b, _q in cells}, key=lambda mb: (mb[0] != FULL_METHOD, mb[1], mb[0]))
+        body = [
+            [m, b.label, *[_score_cell(cells.get((m, b, q)), tests.get((m, b, q))) for q in questions]] for m, b in keys
+        ]
+        table = html_table(
+            ["method", "budget", *[f"question {q + 1}" for q in questions]], body, cls="questions", align="ll"
+        )
+        figs = []
+        for budget in sorted({b for _m, b in keys if b != NO_COMPRESSION}):
+            lines = [
+                Line(
+                    m,
+                    [(q + 1, cells[(m, b, q)].mean * 100) for q in questions if (m, b, q) in cells],
+                    [f"{m} question {q + 1}: {_tip(cells[(m, b, q)])}" for q in questions if (m, b, q) in cells],
+                    color=colors[m][0],
+                    style="--" if m == FULL_METHOD else colors[m][1],
+                )
+                for m, b in keys
+                if b in (budget, NO_COMPRESSION)
+            ]
+            figs.append(
+                figure_html(
+                    LineChart(
+                        f"{prefix}questions-{slug(view)}-{budget.slug}",
+                        f"Score per question at {budget.label}",
+                        lines,
+                        x_label="question (in the order asked)",
+                        x_ticks=[q + 1 for q in questions],
+                        x_fmt=lambda v: f"{v:.0f}",
+                        subtitle=_mode_title(view),
+                        **SCORE_AXIS,
+                    )
+                )
+            )
+        parts.append(
+            f"<h3>{esc(_mode_title(view))}</h3>{table}" + (f'<div class="charts">{"".join(figs)}</div>' if figs else "")
+        )
+    note = f'<p class="note">{esc("▲/▼ against full on the same question, Holm-corrected per table.")}</p>'
+    return "".join(parts) + note
+
+
+def _memory_section(rows: Sequence[Row], memory_rows: Sequence[Row], colors: Colors) -> str:
     parts: list[str] = []
     mem = memory_table(rows)
     if mem:
         parts.append(
             html_table(
-                ["method", "compression", "rows", "KV tokens / layer", "KV bytes", "full KV bytes", "ratio"],
+                ["method", "budget", "rows", "KV tokens / layer", "KV bytes", "full KV bytes", "ratio"],
                 [
                     [
                         m.method,
-                        format_compression(m.compression),
+                        m.budget.label,
                         m.n,
                         "–" if m.kv_tokens is None else f"{m.kv_tokens:,.0f}",
                         fmt_bytes(m.kv_bytes),
@@ -846,53 +563,46 @@ def _memory_section(rows: Sequence[Row], memory_rows: Sequence[Row], colors: Map
                 cls="memory",
             )
         )
-        # kv_bytes vs context length: one small chart per compression, full as the reference in each.
-        groups: dict[tuple[str, float, int], list[tuple[float, float]]] = defaultdict(list)
+        # kv_bytes vs context length: one small chart per budget, full as the reference in each.
+        groups: dict[tuple[str, Budget, int], list[tuple[float, float]]] = defaultdict(list)
         for r in rows:
             kb, ct = r.get("kv_bytes"), r.get("context_tokens")
             if isinstance(kb, int | float) and isinstance(ct, int | float):
-                key = (
-                    str(r.get("method", "?")),
-                    norm_compression(r.get("compression")),
-                    int(r.get("length") or ct),
-                )
+                key = (method_label(r), budget_of(r), int(r.get("length") or ct))
                 groups[key].append((float(ct), float(kb)))
-        points: dict[tuple[str, float], list[tuple[float, float]]] = defaultdict(list)
-        for (m, c, _length), vals in groups.items():
-            points[(m, c)].append((sum(v[0] for v in vals) / len(vals), sum(v[1] for v in vals) / len(vals)))
-        all_bytes = [b for pts in points.values() for _, b in pts]
-        unit, scale = _byte_unit(max(all_bytes, default=0.0))
-        comps = sorted({c for (_m, c) in points if c > 0}) or sorted({c for (_m, c) in points})
+        points: dict[tuple[str, Budget], list[tuple[float, float]]] = defaultdict(list)
+        for (m, b, _length), vals in groups.items():
+            points[(m, b)].append((sum(v[0] for v in vals) / len(vals), sum(v[1] for v in vals) / len(vals)))
+        unit, scale = _byte_unit(max((b for pts in points.values() for _, b in pts), default=0.0))
+        budgets = sorted({b for (_m, b) in points if b != NO_COMPRESSION}) or sorted({b for (_m, b) in points})
         figs: list[str] = []
-        for c in comps:
-            series: list[Series] = []
-            for m in methods_in_order(rows):
-                key = (m, 0.0) if m == FULL_METHOD else (m, c)
-                if key not in points:
-                    continue
-                pts = [
-                    (
-                        x,
-                        b / scale,
-                        f"{m}{'' if m == FULL_METHOD else ' @ ' + format_compression(c)}: "
-                        f"{fmt_bytes(b)} at {x:,.0f} tokens",
-                    )
-                    for x, b in points[key]
-                ]
-                dash = "5 4" if m == FULL_METHOD else _dash_of(colors, m)
-                series.append(Series(m, colors[m], pts, dash=dash))
-            cid = f"memory-context-{slug(format_compression(c).replace('%', 'pct'))}"
+        for budget in budgets:
+            lines = [
+                Line(
+                    m,
+                    [(x, b / scale) for x, b in points[key]],
+                    [
+                        f"{m}{'' if m == FULL_METHOD else ' @ ' + budget.label}: {fmt_bytes(b)} at {x:,.0f} tokens"
+                        for x, b in points[key]
+                    ],
+                    color=colors[m][0],
+                    style=colors[m][1],
+                )
+                for m in methods_in_order(rows)
+                if (key := (m, NO_COMPRESSION) if m == FULL_METHOD else (m, budget)) in points
+            ]
             figs.append(
-                _line_figure(
-                    cid,
-                    f"KV cache at {format_compression(c)} compression",
-                    series,
-                    x_label="context length (tokens)",
-                    y_label=f"KV cache ({unit})",
-                    x_fmt=fmt_tokens,
-                    x_zero=True,
-                    y_zero=True,
-                    subtitle="mean bytes of K and V held after prefill",
+                figure_html(
+                    LineChart(
+                        f"memory-context-{budget.slug}",
+                        f"KV cache at {budget.label}",
+                        lines,
+                        x_label="context length (tokens)",
+                        y_label=f"KV cache ({unit})",
+                        x_fmt=fmt_tokens,
+                        zero_based=True,
+                        subtitle="mean bytes of K and V held after prefill",
+                    )
                 )
             )
         parts.append(f'<div class="charts">{"".join(figs)}</div>')
@@ -904,71 +614,70 @@ def _memory_section(rows: Sequence[Row], memory_rows: Sequence[Row], colors: Map
         "memory",
         "Memory",
         "".join(parts),
-        "Bytes of the K and V tensors held after prefill, per method and compression, against context length.",
+        "Bytes of the K and V tensors held after prefill, per method and budget, against context length.",
     )
 
 
-def _measured_memory(memory_rows: Sequence[Row], colors: Mapping[str, str]) -> str:
+def _measured_memory(memory_rows: Sequence[Row], colors: Colors) -> str:
     by_series: dict[str, list[Row]] = defaultdict(list)
     for r in memory_rows:
         variant = r.get("variant")
         name = str(r.get("method", "?")) + (f" · {variant}" if variant not in (None, "") else "")
         by_series[name].append(r)
     figs: list[str] = []
-    for field_name, cid, title in (
-        ("kv_bytes", "memory-measured-kv", "Measured KV cache"),
-        ("peak_rss_bytes", "memory-measured-rss", "Peak resident memory"),
+    for field_name, cid, title, what in (
+        ("kv_bytes", "memory-measured-kv", "Measured KV cache", "KV cache"),
+        ("peak_rss_bytes", "memory-measured-rss", "Peak resident memory", "peak RSS"),
     ):
-        vals = [
-            float(r[field_name]) for rs in by_series.values() for r in rs if isinstance(r.get(field_name), int | float)
-        ]
+        vals = [float(r[field_name]) for rs in by_series.values() for r in rs if _num(r.get(field_name)) is not None]
         if not vals:
             continue
         unit, scale = _byte_unit(max(vals))
-        series: list[Series] = []
-        for i, (name, rs) in enumerate(by_series.items()):
+        lines: list[Line] = []
+        for name, rs in by_series.items():
             method = str(rs[0].get("method", "?"))
             pts = [
-                (
-                    float(r["context_tokens"]),
-                    float(r[field_name]) / scale,
-                    f"{name}: {fmt_bytes(float(r[field_name]))} at {float(r['context_tokens']):,.0f} tokens",
-                )
+                (float(r["context_tokens"]), float(r[field_name]))
                 for r in rs
-                if isinstance(r.get(field_name), int | float) and isinstance(r.get("context_tokens"), int | float)
+                if _num(r.get(field_name)) is not None and _num(r.get("context_tokens")) is not None
             ]
-            color = colors.get(method, PALETTE[i % len(PALETTE)])
             same_method = [n for n in by_series if n.split(" · ")[0] == method]
-            series.append(Series(name, color, pts, dash=DASHES[same_method.index(name) % len(DASHES)]))
+            lines.append(
+                Line(
+                    name,
+                    [(x, y / scale) for x, y in pts],
+                    [f"{name}: {fmt_bytes(y)} at {x:,.0f} tokens" for x, y in pts],
+                    color=colors[method][0],
+                    style=STYLES[same_method.index(name) % len(STYLES)],
+                )
+            )
         figs.append(
-            _line_figure(
-                cid,
-                title,
-                series,
-                x_label="context length (tokens)",
-                y_label=f"KV cache ({unit})" if field_name == "kv_bytes" else f"peak RSS ({unit})",
-                x_fmt=fmt_tokens,
-                x_zero=True,
-                y_zero=True,
-                subtitle="from memory.jsonl",
+            figure_html(
+                LineChart(
+                    cid,
+                    title,
+                    lines,
+                    x_label="context length (tokens)",
+                    y_label=f"{what} ({unit})",
+                    x_fmt=fmt_tokens,
+                    zero_based=True,
+                    subtitle="from memory.jsonl",
+                )
             )
         )
     return f'<h3>Measured memory</h3><div class="charts">{"".join(figs)}</div>' if figs else ""
 
 
-def _speed_section(rows: Sequence[Row], colors: Mapping[str, str]) -> str:
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _speed_section(rows: Sequence[Row]) -> str:
     speed = speed_table(rows)
     if not speed:
         return ""
     table = html_table(
-        [
-            "method",
-            "rows",
-            "prefill (median)",
-            "prefill vs full",
-            "decode / token (median)",
-            "decode vs full",
-        ],
+        ["method", "rows", "prefill (median)", "prefill vs full", "decode / token (median)", "decode vs full"],
         [
             [
                 s.method,
@@ -990,102 +699,100 @@ def _speed_section(rows: Sequence[Row], colors: Mapping[str, str]) -> str:
     compressed = [s for s in speed if s.method != FULL_METHOD and (s.prefill_ratio or s.decode_ratio)]
     chart = ""
     if compressed:
-        groups = [s.method for s in compressed]
-        svg = bar_chart(
+        bars = BarChart(
             "speed",
             "Time relative to the full cache",
-            groups,
-            [
-                BarSeries(
-                    "prefill",
-                    "#4e79a7",
-                    [s.prefill_ratio for s in compressed],
-                    [
-                        f"{s.method} prefill: {fmt_ratio(s.prefill_ratio)} of full ({fmt_seconds(s.prefill_seconds)})"
-                        for s in compressed
-                    ],
-                ),
-                BarSeries(
-                    "decode / token",
-                    "#f28e2b",
-                    [s.decode_ratio for s in compressed],
-                    [
-                        f"{s.method} decode: {fmt_ratio(s.decode_ratio)} of full "
-                        f"({fmt_seconds(s.decode_seconds_per_token)} / token)"
-                        for s in compressed
-                    ],
-                ),
-            ],
+            [s.method for s in compressed],
+            {"prefill": [s.prefill_ratio for s in compressed], "decode / token": [s.decode_ratio for s in compressed]},
             y_label="time ÷ full",
-            y_fmt=lambda t: f"{t:.2f}×" if t < 10 else f"{t:.0f}×",
+            tips={
+                "prefill": [
+                    f"{s.method} prefill: {fmt_ratio(s.prefill_ratio)} of full ({fmt_seconds(s.prefill_seconds)})"
+                    for s in compressed
+                ],
+                "decode / token": [
+                    f"{s.method} decode: {fmt_ratio(s.decode_ratio)} of full "
+                    f"({fmt_seconds(s.decode_seconds_per_token)} / token)"
+                    for s in compressed
+                ],
+            },
             ref=1.0,
             ref_label="full = 1×",
             subtitle="median over rows; below 1× is faster than the uncompressed cache",
+            y_fmt=lambda t: f"{t:.2f}×" if t < 10 else f"{t:.0f}×",
         )
-        chart = f'<div class="charts">{_figure("speed", svg)}</div>'
+        chart = f'<div class="charts">{figure_html(bars)}</div>'
     return _section("speed", "Speed", chart + table + notes, "Median prefill time and decode time per token.")
 
 
-def _streaming_section(stream_rows: Sequence[Row], colors: Mapping[str, str]) -> str:
+def _streaming_section(stream_rows: Sequence[Row], colors: Colors) -> str:
     if not stream_rows:
         return ""
     by_series: dict[tuple[str, Any], list[Row]] = defaultdict(list)
     for r in stream_rows:
         by_series[(str(r.get("method", "?")), r.get("budget"))].append(r)
-    methods = list(dict.fromkeys(m for m, _b in by_series))
     budgets_of: dict[str, list[Any]] = defaultdict(list)
     for m, b in by_series:
         budgets_of[m].append(b)
-    local_colors = dict(colors)
-    extra = _color_map([FULL_METHOD, *[m for m in colors if m != FULL_METHOD], *methods])
-    for m in methods:
-        local_colors.setdefault(m, extra[m])
-    series: list[Series] = []
+    lines: list[Line] = []
     dropped = 0
     table_rows: list[list[Any]] = []
     for (m, b), rs in by_series.items():
         name = m if b is None else f"{m} ({b} tokens)"
-        pts: list[tuple[float, float, str]] = []
-        for r in sorted(rs, key=lambda r: r.get("bucket_start", 0)):
-            ppl = r.get("ppl")
-            s0, s1 = r.get("bucket_start", 0), r.get("bucket_end", 0)
-            if not isinstance(ppl, int | float) or not math.isfinite(ppl) or ppl <= 0:
+        pts: list[tuple[float, float]] = []
+        tips: list[str] = []
+        for r in sorted(rs, key=lambda r: _num(r.get("bucket_start")) or 0):
+            ppl, s0, s1 = _num(r.get("ppl")), _num(r.get("bucket_start")) or 0, _num(r.get("bucket_end")) or 0
+            if ppl is None or not math.isfinite(ppl) or ppl <= 0:
                 dropped += 1
                 continue
-            pts.append(((s0 + s1) / 2, float(ppl), f"{name}: ppl {ppl:.4g} on tokens {s0:,}–{s1:,}"))
-        series.append(Series(name, local_colors[m], pts, dash=DASHES[budgets_of[m].index(b) % len(DASHES)]))
-        finite = [p[1] for p in pts]
+            pts.append(((s0 + s1) / 2, ppl))
+            tips.append(f"{name}: ppl {ppl:.4g} on tokens {s0:,.0f}–{s1:,.0f}")
+        style = STYLES[budgets_of[m].index(b) % len(STYLES)]
+        lines.append(Line(name, pts, tips, color=colors[m][0], style=style))
         last = rs[-1] if rs else {}
         table_rows.append(
             [
                 name,
                 len(rs),
-                f"{sum(finite) / len(finite):.4g}" if finite else "–",
-                f"{max(finite):.4g}" if finite else "–",
-                f"{last.get('kv_tokens', '–'):,}" if isinstance(last.get("kv_tokens"), int) else "–",
+                f"{sum(p for _, p in pts) / len(pts):.4g}" if pts else "–",
+                f"{max(p for _, p in pts):.4g}" if pts else "–",
+                f"{last.get('kv_tokens'):,}" if isinstance(last.get("kv_tokens"), int) else "–",
             ]
         )
-    ys = [p[1] for s in series for p in s.points]
+    ys = [y for ln in lines for _, y in ln.points]
     log_y = bool(ys) and max(ys) / min(ys) > 10
-    caption = f"{dropped} bucket(s) with a non-finite perplexity left out." if dropped else None
-    fig = _line_figure(
+    chart = LineChart(
         "streaming",
         "Perplexity per 1k-token bucket",
-        series,
+        lines,
         x_label="position in stream (tokens)",
         y_label="perplexity" + (" (log scale)" if log_y else ""),
-        caption=caption,
+        caption=f"{dropped} bucket(s) with a non-finite perplexity left out." if dropped else None,
         x_fmt=fmt_tokens,
-        x_zero=True,
         log_y=log_y,
         subtitle="full past the model's window shows where an unbounded cache fails",
     )
     table = html_table(["series", "buckets", "mean ppl", "max ppl", "KV tokens (last)"], table_rows, cls="streaming")
-    return _section(
-        "streaming",
-        "Streaming perplexity",
-        f'<div class="charts">{fig}</div>{table}',
+    return _section("streaming", "Streaming perplexity", f'<div class="charts">{figure_html(chart)}</div>{table}')
+
+
+def _warnings_box(missing: Sequence[str], partial: int) -> str:
+    items = list(missing)
+    if partial:
+        items.append(
+            f"{partial} incomplete line(s) from an interrupted run are set aside in {PARTIAL_FILE}; a rerun of the "
+            "same command redoes their rows."
+        )
+    if not items:
+        return ""
+    lis = "".join(f"<li>{esc(i)}</li>" for i in items)
+    head = "Incomplete results" + (
+        ": fewer rows than the run's config.json implies (these cells are scored on the rows present)"
+        if missing
+        else ""
     )
+    return f'<div class="warnings" role="alert"><strong>{esc(head)}</strong><ul>{lis}</ul></div>'
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -1132,7 +839,7 @@ def _details_section(rows: Sequence[Row]) -> str:
             r.get("length") or 0,
             r.get("depth") if isinstance(r.get("depth"), int | float) else -1,
             r.get("sample") if isinstance(r.get("sample"), int) else -1,
-            method_rank.get(str(r.get("method", "?")), 99),
+            method_rank.get(method_label(r), 99),
             norm_compression(r.get("compression")),
         )
 
@@ -1144,7 +851,7 @@ def _details_section(rows: Sequence[Row]) -> str:
 
     def text(v: Any, n: int = 120) -> Html:
         s = "" if v is None else str(v)
-        return Html(f'<span title="{esc(s)}">{esc(_truncate(s, n))}</span>')
+        return Html(f'<span title="{esc(s)}">{esc(short(s, n))}</span>')
 
     body = [
         [
@@ -1154,8 +861,8 @@ def _details_section(rows: Sequence[Row]) -> str:
             num(r.get("context_tokens"), lambda x: f"{x:,.0f}"),
             num(r.get("depth"), lambda x: f"{x:.2f}"),
             r.get("sample", "–"),
-            r.get("method", "?"),
-            format_compression(norm_compression(r.get("compression"))),
+            method_label(r),
+            budget_of(r).label,
             num(r.get("score"), lambda x: f"{x:.3f}"),
             num(r.get("kv_tokens"), lambda x: f"{x:,.0f}"),
             num(r.get("kv_bytes"), fmt_bytes),
@@ -1232,7 +939,15 @@ th,td{padding:.32rem .7rem;border-bottom:1px solid var(--border);text-align:righ
 th.l,td.l{text-align:left}
 thead th{background:var(--soft);font-weight:600;position:sticky;top:0}
 tbody tr:hover td{background:#f3f6fa}
-table.scores td .heat{display:inline-block;min-width:3.2em;padding:.05rem .35rem;border-radius:4px}
+table.scores td,table.best td,table.questions td{vertical-align:top}
+.heat{display:inline-block;min-width:3.2em;padding:.05rem .35rem;border-radius:4px;text-align:right}
+.mark{display:inline-block;width:1em;margin-left:.15rem;font-size:.8rem}
+.mark.better{color:#1a7f37}
+.mark.worse{color:#cf222e}
+td .sub{font-size:.74rem;color:var(--muted);line-height:1.2;padding-top:.1rem}
+td .sub.warn,.warn{color:#9a6700;font-weight:600}
+div.warnings{padding:.7rem 1.1rem;margin:1rem 0;background:#fff8c5;border:1px solid #d4a72c66;border-radius:8px}
+div.warnings ul{margin:.3rem 0 0;padding-left:1.2rem;font-size:.9rem}
 table.config td,table.details td.l{white-space:normal;max-width:48rem}
 table.details td{font-size:.82rem}
 table.details td:nth-last-child(-n+2){min-width:16rem}
@@ -1240,15 +955,23 @@ table.details td:nth-last-child(-n+2){min-width:16rem}
 .swatch{display:none}
 .charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:16px}
 figure.chart{margin:0;padding:10px 10px 6px;border:1px solid var(--border);border-radius:10px;background:#fff}
-figure.chart svg{display:block;width:100%;height:auto;font-family:inherit}
-figure.chart svg text{fill:#24292f}
-figure.chart svg .ticks text,figure.chart svg .subtitle{fill:#57606a}
-figure.chart circle.point:hover{r:5}
+figure.chart svg{display:block;width:100%;height:auto}
+figure.chart svg *{stroke-linejoin:round;stroke-linecap:butt}
+figure.chart svg image{image-rendering:pixelated}
+figure.chart svg use:hover{opacity:.6}
 figure.chart figcaption{font-size:.82rem;color:var(--muted);padding:.2rem .3rem}
 details{margin:.5rem 0}
 details>summary{cursor:pointer;color:var(--accent);font-weight:500}
 footer{margin-top:3rem;color:var(--muted);font-size:.82rem}
 """
+
+
+def _by_model(rows: Sequence[Row]) -> list[tuple[str | None, list[Row]]]:
+    """Rows per model (one group when there is a single model): scores of different models are never pooled."""
+    groups: dict[str | None, list[Row]] = defaultdict(list)
+    for r in rows:
+        groups[r.get("model") if r.get("model") is None else str(r.get("model"))].append(r)
+    return list(groups.items())
 
 
 def render_report(
@@ -1258,27 +981,69 @@ def render_report(
     streaming: Sequence[Row] = (),
     memory: Sequence[Row] = (),
     run_dir: str | Path = ".",
+    partial: int = 0,
 ) -> str:
-    """The report's HTML for already-loaded data (what :func:`write_report` writes)."""
+    """The report's HTML for already-loaded data (what :func:`write_report` writes).
+
+    ``config`` (the run's ``config.json``) tells how many rows each cell should hold; ``partial`` is the number of
+    lines an interrupted run set aside in ``results.jsonl.partial``.
+    """
     run_dir = Path(run_dir)
-    colors = _color_map(
-        [
-            *methods_in_order(rows),
-            *(str(r.get("method", "?")) for r in memory),
-            *(str(r.get("method")) for r in streaming),
-        ]
+    colors = colors_for(
+        [FULL_METHOD, *methods_in_order(rows), *(str(r.get("method", "?")) for r in (*memory, *streaming))],
+        baseline=FULL_METHOD,
     )
     sections: list[str] = []
     toc: list[tuple[str, str]] = []
+    missing: list[str] = []
     if rows:
-        scores_html = _scores_section(rows, colors)
-        sections.append(scores_html)
-        toc.append(("summary", "Summary"))
-        if 'id="curves"' in scores_html:
-            toc.append(("curves", "Score vs compression"))
-        best_html = _best_section(rows)
-        sections.append(best_html)
-        toc.append(("best", "Best per budget"))
+        models = _by_model(rows)
+        config_model = _meta_value(config, "model")
+        parts: dict[str, list[str]] = defaultdict(list)
+        for model, mrows in models:
+            own_config = config if len(models) == 1 or model == config_model else None
+            prefix = f"{slug(model or 'model')}-" if len(models) > 1 else ""
+            heading = f'<h3 class="model">Model {esc(model or "unknown")}</h3>' if len(models) > 1 else ""
+            got = _scores_parts(mrows, own_config, colors, prefix)
+            missing += got["missing"]
+            for key in ("summary", "curves", "best"):
+                if got[key]:
+                    parts[key].append(heading + got[key])
+            if questions := _questions_section(mrows, colors, prefix):
+                parts["questions"].append(heading + questions)
+        intro = (
+            "Mean score ×100 over all tasks and samples; columns are the fraction of the context's KV cache removed "
+            "(0% = the full cache) or a token budget. Under each score: its 95% interval in brackets (Wilson for 0/1 "
+            "scores, bootstrap otherwise) and the number of rows n. "
+            + SIGNIFICANCE_NOTE
+            + " Hover a score for the test and its p-values."
+        )
+        for sid, title, label, text in (
+            ("summary", "Summary", "Summary", intro),
+            (
+                "curves",
+                "Score vs compression",
+                "Score vs compression",
+                "One line per method with its 95% intervals; the dashed line is the uncompressed (full) cache.",
+            ),
+            (
+                "questions",
+                "Score per question",
+                "Per question",
+                "Multi-question tasks: the context is compressed once and each question asked in turn; a method that "
+                "kept too little loses the later questions.",
+            ),
+            (
+                "best",
+                "Best method per budget",
+                "Best per budget",
+                "Highest mean score ×100 at each budget, with paired tests against full and against the runner-up "
+                "(Holm-corrected over the budgets of each mode).",
+            ),
+        ):
+            if parts.get(sid):
+                sections.append(_section(sid, title, "".join(parts[sid]), text))
+                toc.append((sid, label))
     else:
         sections.append(
             _section(
@@ -1292,7 +1057,7 @@ def render_report(
         toc.append(("summary", "Summary"))
     for sid, label, html_part in (
         ("memory", "Memory", _memory_section(rows, memory, colors)),
-        ("speed", "Speed", _speed_section(rows, colors)),
+        ("speed", "Speed", _speed_section(rows)),
         ("streaming", "Streaming", _streaming_section(streaming, colors)),
         ("config", "Configuration", _config_section(config)),
         ("samples", "Per-sample", _details_section(rows)),
@@ -1311,27 +1076,35 @@ def render_report(
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<link rel="icon" href="data:,"><title>{esc(title)}</title><style>{CSS}</style></head>'
-        f"<body><main>{_header(rows, config, run_dir)}{nav}{''.join(sections)}"
+        f"<body><main>{_header(rows, config, run_dir)}{nav}{_warnings_box(missing, partial)}{''.join(sections)}"
         f"<footer>Generated by kvsieve {esc(__version__)} on {esc(generated)} from {esc(run_dir)}. "
         "This file is self-contained: it loads nothing from the network.</footer></main></body></html>\n"
     )
 
 
+def has_report_inputs(directory: str | Path) -> bool:
+    """Whether ``directory`` holds anything the report can show: kvsieve results or kvpress result directories."""
+    d = Path(directory)
+    return (d / RESULTS_FILE).is_file() or (d / STREAMING_FILE).is_file() or bool(find_kvpress_dirs(d))
+
+
 def write_report(out_dir: str | Path) -> Path:
     """Write ``out_dir/report.html`` from the run files in ``out_dir`` and return its path.
 
-    Reads ``results.jsonl`` and, when present, ``config.json``, ``streaming.jsonl`` and ``memory.jsonl``;
-    any of them may be missing (the report then says so or leaves the section out). The file is written
-    atomically (a temporary file renamed into place).
+    Reads ``results.jsonl`` and, when present, ``config.json``, ``streaming.jsonl``, ``memory.jsonl`` and every
+    kvpress evaluation directory below ``out_dir`` (:mod:`kvsieve.bench.kvpress_reader`); any of them may be
+    missing (the report then says so or leaves the section out). The file is written atomically (a temporary file
+    renamed into place).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = render_report(
-        load_rows(out),
+        load_rows(out) + read_kvpress_results(out),
         config=load_config(out),
         streaming=load_jsonl(out / STREAMING_FILE),
         memory=load_jsonl(out / MEMORY_FILE),
         run_dir=out,
+        partial=partial_lines(out),
     )
     target = out / REPORT_FILE
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=out)
@@ -1346,13 +1119,4 @@ def write_report(out_dir: str | Path) -> Path:
     return target
 
 
-__all__ = [
-    "CONFIG_FILE",
-    "REPORT_FILE",
-    "BarSeries",
-    "Series",
-    "bar_chart",
-    "line_chart",
-    "render_report",
-    "write_report",
-]
+__all__ = ["CONFIG_FILE", "REPORT_FILE", "has_report_inputs", "render_report", "write_report"]

@@ -1,4 +1,4 @@
-"""The benchmark: method x budget x task x length x mode, one JSON row per sample, resumable.
+"""The benchmark: method x budget x task x length x mode, one JSON row per sample and question, resumable.
 
 For each sample the context is prefilled ONCE (:class:`kvsieve.snapshot.PrefillSnapshot`); each method's compressed
 cache is built from that observation, which is exactly what the method alone would have kept (the test suite checks
@@ -6,6 +6,10 @@ it). The question and answer are then run per method, with eviction paused, as i
 
 - query-agnostic (``agnostic``): the context is compressed before the question is seen;
 - query-aware (``aware``): context and question are prefilled and compressed together.
+
+The sweep is cut into work units (:mod:`kvsieve.bench.units`); :class:`Runner` plans them, skipping rows already in
+``results.jsonl``, runs them here or on Ray workers (:mod:`kvsieve.bench.distributed`) and alone writes the rows,
+each whole and synced (:mod:`kvsieve.bench.results`), so a crash or a lost worker costs at most unfinished rows.
 
 Only the public API is used: tasks, models, ``Sieve``, ``PrefillSnapshot``.
 """
@@ -15,25 +19,39 @@ from __future__ import annotations
 import json
 import platform
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
-import transformers
 
-import kvsieve
-
-from ..errors import KVSieveError
+from ..errors import BudgetError, ContextLengthError, KVSieveError
 from ..methods import Method, build
 from ..sieve import Sieve
-from ..snapshot import PrefillSnapshot, shareable
+from ..snapshot import shareable
 from ..tasks import DEFAULT_TASK_MIX, Sample, get_task
+from .defaults import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, HEADROOM, PRESETS
+from .results import Recovery, ResultsFile, prepare_out_dir
+from .units import TURN_MODES, Conversation, Job, RunInfo, UnitRunner, WorkUnit, versions
 
-DEFAULT_METHODS = ["full", "streaming_llm", "h2o", "snapkv", "tova", "knorm", "random"]
-DEFAULT_COMPRESSIONS = [0.25, 0.5, 0.75]
+__all__ = ["DEFAULT_COMPRESSIONS", "DEFAULT_METHODS", "HEADROOM", "PRESETS", "BenchConfig", "Runner", "row_key"]
+
+ModelLoader = Callable[[str], tuple[Any, Any]]
+"""``loader(device) -> (model, tokenizer)``; picklable, as Ray workers call it in their own process."""
+
+
+@dataclass
+class EmbeddedLoader:
+    """Loads a model by name (embedded, local directory or hub id) with :func:`kvsieve.load_model`."""
+
+    name: str
+
+    def __call__(self, device: str = "cpu"):
+        from ..models import load_model
+
+        return load_model(self.name, device=device)
 
 
 @dataclass
@@ -48,6 +66,9 @@ class BenchConfig:
     lengths: list[int] = field(default_factory=lambda: [2048])
     samples: int = 2
     mode: str = "agnostic"
+    turns: str = "independent"  # multi-question tasks: independent, multiturn or both
+    prefills: list[str] = field(default_factory=list)  # attention-compute axis ("dense" = the default compute)
+    sequences: list[str] = field(default_factory=list)  # sequence axis ("none" = no pruning)
     seed: int = 0
     out: str = "bench-out"
     shared_prefill: bool = True
@@ -57,26 +78,90 @@ class BenchConfig:
     def modes(self) -> list[str]:
         return ["agnostic", "aware"] if self.mode == "both" else [self.mode]
 
-    def validate(self) -> None:
+    @property
+    def turn_modes(self) -> list[str]:
+        return list(TURN_MODES) if self.turns == "both" else [self.turns]
+
+    def validate(self, window: int | None = None) -> None:
+        """Every check that needs no model; ``window``: the model's context window, when known."""
         if self.mode not in ("agnostic", "aware", "both"):
             raise KVSieveError(f"mode must be agnostic, aware or both, not {self.mode!r}")
-        if self.samples < 1:
-            raise KVSieveError("--samples must be at least 1")
+        if self.turns not in (*TURN_MODES, "both"):
+            raise KVSieveError(f"turns must be independent, multiturn or both, not {self.turns!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise KVSieveError(f"--samples must be a whole number of at least 1, not {self.samples!r}")
+        for name, values, example in (
+            ("--tasks", self.tasks, "passkey,qa"),
+            ("--methods", self.methods, "full,snapkv"),
+            ("--lengths", self.lengths, "2048"),
+        ):
+            if not values:
+                raise KVSieveError(f"{name} is empty; pass at least one, e.g. {name} {example}")
         for length in self.lengths:
             if length < 256:
                 raise KVSieveError(f"length {length} is too short for the tasks; use at least 256 tokens")
+            if window is not None and length + HEADROOM > window:
+                raise ContextLengthError(
+                    f"length {length} does not fit {self.model}'s window of {window} tokens (context, question, "
+                    f"chat template and answer must fit); use --lengths up to {window - HEADROOM}"
+                )
         for name in self.tasks:
             get_task(name)  # raises UnknownTaskError listing the tasks
         for spec in self.methods:
             method = build(spec)
-            for budget in self.budget_specs(method):
-                Sieve(method, **budget)  # raises BudgetError early, before any model is loaded
+            specs = self.budget_specs(method)
+            if not specs:
+                raise BudgetError(f"{spec} needs a budget, but --compression and --budgets are both empty; pass one")
+            for budget in specs:
+                for axes in self.axes():
+                    Sieve(method, **budget, **axes)  # raises early, before any model is loaded
+
+    def axes(self) -> list[dict]:
+        """The attention-compute x sequence settings every method x budget runs under (``{}``: the defaults)."""
+        prefills = [None if p.strip() == "dense" else p for p in self.prefills] or [None]
+        sequences = [None if s.strip() == "none" else s for s in self.sequences] or [None]
+        out = []
+        for prefill in dict.fromkeys(prefills):
+            for sequence in dict.fromkeys(sequences):
+                axes = {}
+                if prefill is not None:
+                    axes["prefill"] = build(prefill).spec()
+                if sequence is not None:
+                    axes["sequence"] = build(sequence).spec()
+                out.append(axes)
+        return out
 
     def budget_specs(self, method: Method) -> list[dict]:
         """The budgets a method runs under: none for ``full``, else each compression and token budget."""
         if not method.evicts and not method.selects:
             return [{}]
         return [{"compression": c} for c in self.compressions] + [{"budget": b} for b in self.budgets]
+
+
+def model_window(name: str) -> int | None:
+    """The context window of model ``name`` read from its config alone (no weights); None when unknown here.
+
+    Embedded models and local directories are read offline; a hub id is checked once loaded.
+    """
+    from transformers import AutoConfig
+
+    from ..models import EMBEDDED_MODELS, converted_dir, gguf_path
+
+    try:
+        if name in EMBEDDED_MODELS:
+            folder = converted_dir(name)
+            if (folder / "config.json").is_file():
+                config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            else:  # not converted yet: the GGUF header has the same numbers
+                gguf = gguf_path(name)
+                config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        elif Path(name).expanduser().is_dir():
+            config = AutoConfig.from_pretrained(Path(name).expanduser(), local_files_only=True)
+        else:
+            return None
+    except (OSError, ValueError, KeyError):
+        return None  # an unreadable config is reported by load_model, with its own message
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 @dataclass
@@ -90,52 +175,54 @@ class Prompt:
 
 def split_prompt(tokenizer, sample: Sample) -> Prompt:
     """Wrap the sample in the chat template (if the tokenizer has one) and cut it at the question."""
-    content = sample.context + sample.question
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = content + "\n"
-    cut = text.rindex(sample.question)
-
-    def ids(s: str) -> torch.Tensor:
-        return torch.tensor([tokenizer(s, add_special_tokens=False).input_ids], dtype=torch.long)
-
-    prefix = sample.answer_prefix if sample.answer_prefix else ""
-    return Prompt(ids(text[:cut]), ids(text[cut:]), ids(prefix) if prefix else torch.zeros((1, 0), dtype=torch.long))
-
-
-def _versions() -> dict:
-    return {"kvsieve": kvsieve.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    talk = Conversation(tokenizer, sample)
+    context, question = talk.first_turn(0)
+    return Prompt(context, question, talk.prefix(0))
 
 
 def row_key(row: dict) -> tuple:
     """What makes a row unique; rows already in results.jsonl are skipped when a run resumes."""
     return (
-        row["model"], row["task"], row["length"], row["sample"], row["seed"], row["mode"], row["method"],
-        row["compression"], row["budget_tokens"],
+        row["model"],
+        row["task"],
+        row["length"],
+        row["sample"],
+        row["seed"],
+        row["mode"],
+        row["method"],
+        row["compression"],
+        row["budget_tokens"],
+        row.get("question_index", 0),
+        row.get("turn_mode"),
+        row.get("prefill"),
+        row.get("sequence"),
     )
 
 
 class Runner:
-    """Runs a :class:`BenchConfig`, appending rows to ``out/results.jsonl``."""
+    """Runs a :class:`BenchConfig`, appending rows to ``out/results.jsonl``.
 
-    def __init__(self, config: BenchConfig, model=None, tokenizer=None):
-        config.validate()
+    ``model``/``tokenizer``: an already loaded model (tests, notebooks); otherwise ``loader`` (default: load
+    ``config.model``) loads it, here on the first serial run, or once per Ray worker.
+    """
+
+    def __init__(self, config: BenchConfig, model=None, tokenizer=None, loader: ModelLoader | None = None):
+        window = getattr(model.config.get_text_config(), "max_position_embeddings", None) if model is not None else None
+        config.validate(window=window if window is not None else model_window(config.model))
         self.config = config
-        self.out = Path(config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.results = self.out / "results.jsonl"
-        self.done = {row_key(r) for r in _read_rows(self.results)}
-        if model is None:
-            from ..models import load_model
+        self.out = prepare_out_dir(config.out)
+        self.file = ResultsFile(self.out / "results.jsonl")
+        self.results = self.file.path
+        self.recovery: Recovery | None = self.file.recover()
+        self.done = {row_key(r) for r in self.file.rows()}
+        self.loader = loader or EmbeddedLoader(config.model)
+        if tokenizer is None:
+            from ..models import load_tokenizer
 
-            model, tokenizer = load_model(config.model)
+            tokenizer = load_tokenizer(config.model)  # the tokenizer alone: samples are planned without weights
         self.model, self.tokenizer = model, tokenizer
         self.methods = [build(spec) for spec in config.methods]
-        self.eos = _eos_ids(model, tokenizer)
-        self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        self.info = RunInfo(config.model, config.seed, datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))
 
     def samples(self) -> Iterator[tuple[int, int, Sample]]:
         """(length, index, sample) for every task and length, generated deterministically from the seed."""
@@ -146,133 +233,97 @@ class Runner:
                 for i, sample in enumerate(generated):
                     yield length, i, sample
 
-    def units(self) -> int:
-        c = self.config
-        per_sample = sum(len(c.budget_specs(m)) for m in self.methods)
-        return per_sample * len(c.modes) * len(c.tasks) * len(c.lengths) * c.samples
+    def _turn_modes(self, task: str) -> list[str | None]:
+        return list(self.config.turn_modes) if get_task(task).questions_per_sample > 1 else [None]
 
-    def run(self, progress=None) -> list[dict]:
-        self._write_config()
-        rows = []
+    def total_rows(self) -> int:
+        """Rows a complete run has (done or not)."""
+        c = self.config
+        per_method = sum(len(c.budget_specs(m)) for m in self.methods) * len(c.axes())
+        per_sample = sum(get_task(t).questions_per_sample * len(self._turn_modes(t)) for t in c.tasks)
+        return per_method * per_sample * len(c.modes) * len(c.lengths) * c.samples
+
+    def plan(self) -> list[WorkUnit]:
+        """The work units still to run: a unit per sample and mode for the shared prefill, one per own-prefill job."""
+        units = []
         for length, index, sample in self.samples():
             for mode in self.config.modes:
-                rows += self._run_sample(length, index, sample, mode, progress)
-        return rows
+                shared, own = [], []
+                for method in self.methods:
+                    for budget in self.config.budget_specs(method):
+                        for axes in self.config.axes():
+                            for turn_mode in self._turn_modes(sample.task):
+                                job = Job(method.spec(), budget, turn_mode, axes.get("prefill"), axes.get("sequence"))
+                                if self._job_done(length, index, sample, mode, job):
+                                    continue
+                                # a prefill or sequence method changes the prefill itself: it cannot be shared
+                                can_share = self.config.shared_prefill and shareable(method) and not axes
+                                (shared if can_share else own).append(job)
+                if shared:
+                    units.append(WorkUnit(length, index, sample, mode, shared, shared=True))
+                units += [WorkUnit(length, index, sample, mode, [job]) for job in own]
+        return units
 
-    def _run_sample(self, length: int, index: int, sample: Sample, mode: str, progress) -> list[dict]:
-        todo = []
-        for method in self.methods:
-            for budget in self.config.budget_specs(method):
-                row = self._row_stub(length, index, sample, mode, method, budget)
-                if row_key(row) in self.done:
-                    if progress:
-                        progress()
-                    continue
-                todo.append((method, budget, row))
-        if not todo:
-            return []
-        prompt = split_prompt(self.tokenizer, sample)
-        if mode == "agnostic":
-            prefill_ids, follow = prompt.context, torch.cat([prompt.question, prompt.answer_prefix], dim=1)
-        else:
-            prefill_ids, follow = torch.cat([prompt.context, prompt.question], dim=1), prompt.answer_prefix
-        snapshot = None
-        shared = [m for m, _, _ in todo if shareable(m)] if self.config.shared_prefill else []
-        if shared:
-            snapshot = PrefillSnapshot(self.model, prefill_ids, shared)
-        out = []
-        for method, budget, row in todo:
-            sieve = Sieve(method, **budget)
-            use_snapshot = snapshot is not None and shareable(method)
-            with sieve.attach(self.model) as fresh:
-                t0 = time.perf_counter()
-                if use_snapshot:
-                    cache = snapshot.compress(method, sieve.budget if method.evicts else None)
-                    prefill_seconds = snapshot.prefill_seconds + (time.perf_counter() - t0)
-                    logits = snapshot.last_logits
-                else:
-                    cache = fresh
-                    logits = kvsieve.prefill(self.model, prefill_ids, cache)
-                    prefill_seconds = time.perf_counter() - t0
-                kv_bytes, kv_tokens = cache.kv_bytes(), _mean_tokens(cache)
-                text, decode_seconds = self._answer(cache, follow, logits, sample)
-            row.update(
-                score=get_task(sample.task).score(sample, text),
-                prediction=text,
-                context_tokens=int(prefill_ids.shape[1]),
-                kv_tokens=kv_tokens,
-                kv_bytes=kv_bytes,
-                kv_bytes_full=_full_bytes(self.model, int(prefill_ids.shape[1])),
-                prefill_seconds=prefill_seconds,
-                decode_seconds_per_token=decode_seconds,
-                shared_prefill=use_snapshot,
-                timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
-            )
-            self._append(row)
-            out.append(row)
-            if progress:
-                progress()
-        return out
-
-    @torch.no_grad()
-    def _answer(self, cache, follow: torch.Tensor, logits: torch.Tensor, sample: Sample) -> tuple[str, float | None]:
-        """Append the follow-up tokens without eviction, then decode greedily; returns text and s/token (None when
-        no decoding step ran).
-
-        Decoding stops at end of sequence, after ``sample.max_new_tokens`` tokens, or as soon as the task says more
-        text cannot change the score (string match: every answer already found), which gives the same score as
-        decoding on and saves most of the time of a correct answer followed by chatter.
-        """
-        task = get_task(sample.task)
-        new: list[int] = []
-        text = ""
-        with cache.paused():
-            if follow.shape[1]:
-                logits = self.model(follow, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            t0 = time.perf_counter()
-            steps = 0
-            for _ in range(sample.max_new_tokens):
-                token = int(logits[0].argmax())
-                if token in self.eos:
-                    break
-                new.append(token)
-                text = self.tokenizer.decode(new, skip_special_tokens=True)
-                if len(new) == sample.max_new_tokens or task.settled(sample, text):
-                    break
-                logits = self.model(
-                    torch.tensor([[token]]), past_key_values=cache, use_cache=True, logits_to_keep=1
-                ).logits[:, -1]
-                steps += 1
-            seconds = (time.perf_counter() - t0) / steps if steps else None
-        return text, seconds
-
-    def _row_stub(self, length, index, sample: Sample, mode, method: Method, budget: dict) -> dict:
-        return {
-            "run_id": self.run_id,
+    def _job_done(self, length: int, index: int, sample: Sample, mode: str, job: Job) -> bool:
+        stub = {
             "model": self.config.model,
-            "method": method.spec(),
-            "method_params": method.params(),
-            "compression": float(budget.get("compression", 0.0)),
-            "budget_tokens": budget.get("budget"),
             "task": sample.task,
             "length": length,
-            "depth": sample.depth,
-            "mode": mode,
             "sample": index,
             "seed": self.config.seed,
-            "answers": list(sample.answers),
-            "versions": _versions(),
+            "mode": mode,
+            "method": job.method,
+            "compression": float(job.budget.get("compression", 0.0)),
+            "budget_tokens": job.budget.get("budget"),
+            "turn_mode": job.turn_mode,
+            "prefill": job.prefill,
+            "sequence": job.sequence,
         }
+        return all(row_key({**stub, "question_index": q}) in self.done for q in range(sample.n_questions))
 
-    def _append(self, row: dict) -> None:
-        with self.results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.done.add(row_key(row))
+    def run(
+        self, progress: Callable[[int], None] | None = None, ray: str | None = None, workers: int | None = None
+    ) -> list[dict]:
+        """Run what is left; ``progress(n)`` is told of rows done (those already there first). ``ray``: run the units
+        on a Ray cluster at this address (``"local"``: start or join one on this machine) with ``workers`` actors."""
+        self._write_config()
+        units = self.plan()
+        if progress:
+            progress(self.total_rows() - sum(_rows_of(u) for u in units))
+        rows: list[dict] = []
+
+        def take(row: dict) -> None:
+            if self._append(row):
+                rows.append(row)
+            if progress:
+                progress(1)
+
+        if ray is None:
+            if self.model is None:
+                self.model, _ = self.loader("cpu")
+            unit_runner = UnitRunner(self.model, self.tokenizer, self.info)
+            for unit in units:
+                for row in unit_runner.run(unit):
+                    take(row)
+        else:
+            from .distributed import run_on_ray
+
+            run_on_ray(units, self.info, self.loader, take, address=ray, workers=workers)
+        return rows
+
+    def _append(self, row: dict) -> bool:
+        """Write ``row`` unless a row with its key is already there (a retried unit); True when written."""
+        key = row_key(row)
+        if key in self.done:
+            return False
+        self.file.append(row)
+        self.done.add(key)
+        return True
 
     def _write_config(self) -> None:
         config = asdict(self.config)
         config.update(
-            versions=_versions(),
+            versions=versions(),
             machine={
                 "platform": platform.platform(),
                 "python": sys.version.split()[0],
@@ -282,36 +333,5 @@ class Runner:
         (self.out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a run killed mid-write leaves a partial last line; that sample is simply redone
-    return rows
-
-
-def _mean_tokens(cache) -> float:
-    per_layer = [sum(t) / len(t) if isinstance(t, list) else t for t in cache.kv_tokens()]
-    return float(sum(per_layer) / max(1, len(per_layer)))
-
-
-def _full_bytes(model, tokens: int) -> int:
-    """Bytes an uncompressed cache would hold for ``tokens`` tokens (sliding layers capped at their window)."""
-    text = model.config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    size = torch.finfo(model.dtype).bits // 8
-    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    total = 0
-    for kind in layer_types:
-        held = min(tokens, text.sliding_window - 1) if kind == "sliding_attention" else tokens
-        total += held * text.num_key_value_heads * head_dim * 2 * size
-    return total
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, (list, tuple, set)) else {int(eos)}
+def _rows_of(unit: WorkUnit) -> int:
+    return len(unit.jobs) * unit.sample.n_questions

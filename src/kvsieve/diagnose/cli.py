@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
-from kvsieve.cli import command
+from kvsieve.cli import at_least, command
 from kvsieve.errors import KVSieveError
 
 DEFAULT_LENGTH = 1000
@@ -25,9 +26,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "input is the task's first sample and every head's retrieval score is measured on --samples samples; "
         "DIR/head_profile.json then feeds razorattention/duoattention(profile=...).",
     )
-    p.add_argument("--model", default="smollm2-135m", help="embedded model name, HF id or local directory")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="embedded model name, HF id or local directory (default: %(default)s)"
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--text-file", type=Path, help="profile this text (cut to --length tokens if given)")
+    src.add_argument("--text-file", type=Path, help="profile this UTF-8 text (cut to --length tokens if given)")
     src.add_argument("--task", help="a needle task (e.g. niah_single_number): profile + retrieval scores")
     p.add_argument(
         "--length",
@@ -35,19 +38,38 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=f"tokens of input (default {DEFAULT_LENGTH}; --text-file: the whole file up to the model's window)",
     )
-    p.add_argument("--samples", type=int, default=4, help="needle samples for retrieval scores (--task)")
+    p.add_argument(
+        "--samples",
+        type=at_least(1),
+        default=4,
+        help="needle samples for retrieval scores (--task; default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the task samples")
-    p.add_argument("--out", type=Path, default=Path("kvsieve-diagnose"), help="output directory")
+    p.add_argument("--out", type=Path, default=Path("kvsieve-diagnose"), help="output directory (default: %(default)s)")
     p.add_argument(
         "--heads",
         default=None,
         help="attention maps for these query heads, e.g. 14.3,20.5 (default: a few chosen from the statistics)",
     )
-    p.add_argument("--first-k", type=int, default=4, help="sink statistic over the first k tokens")
-    p.add_argument("--window", type=int, default=16, help="locality: mass on the last w tokens")
-    p.add_argument("--query-start", type=int, default=100, help="count queries from this position on")
-    p.add_argument("--chunk", type=int, default=256, help="query rows per block (memory O(chunk x tokens))")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--first-k", type=at_least(1), default=4, help="sink statistic over the first k tokens (default: %(default)s)"
+    )
+    p.add_argument(
+        "--window", type=at_least(1), default=16, help="locality: mass on the last w tokens (default: %(default)s)"
+    )
+    p.add_argument(
+        "--query-start",
+        type=at_least(0),
+        default=100,
+        help="count queries from this position on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--chunk",
+        type=at_least(1),
+        default=256,
+        help="query rows per block (memory O(chunk x tokens); default: %(default)s)",
+    )
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
@@ -94,31 +116,56 @@ def _command_line(args: argparse.Namespace) -> str:
     return shlex.join([*parts, "--out", str(args.out)])
 
 
+def _check_out_dir(out: Path) -> None:
+    """Create ``--out`` now, so an unusable path fails before the model runs rather than after."""
+    if out.exists() and not out.is_dir():
+        raise KVSieveError(f"--out {out} is a file; pass a directory (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KVSieveError(f"cannot create --out {out} ({err.strerror or err}); pass a writable directory") from None
+    if not os.access(out, os.W_OK):
+        raise KVSieveError(f"--out {out} is not writable; pass a writable directory")
+
+
 @command("diagnose")
 def _diagnose(args: argparse.Namespace) -> int:
-    import torch
-    from rich.console import Console
-    from rich.table import Table
+    from kvsieve.cli import progress, read_text_file, stdout_console
 
-    from kvsieve.models import load_model, model_label
+    from .stats import StatsConfig, check_heads
 
-    from .diagnosis import diagnose, head_profile_from, write_json
-    from .profile import PROFILE_FILE
-    from .report import write_report
-    from .retrieval import chat_prompt, retrieval_scores
-    from .stats import StatsConfig
-
+    # Every argument is checked before the model loads (only its config.json is read): the forward pass and the
+    # retrieval runs are the slow part, and a typo should not cost them.
     if args.length is not None and args.length < 2:
         raise KVSieveError(f"--length must be at least 2 tokens, got {args.length}")
-    if args.text_file is not None and not args.text_file.is_file():
-        raise KVSieveError(f"text file {args.text_file} does not exist; pass an existing file or drop --text-file")
     heads = _parse_heads(args.heads)
     config = StatsConfig(first_k=args.first_k, window=args.window, query_start=args.query_start, chunk=args.chunk)
+    text = read_text_file(args.text_file, "--text-file") if args.text_file is not None else None
     task = None
     if args.task is not None:
         from kvsieve.tasks import get_task
 
         task = get_task(args.task)  # unknown names fail before the model loads
+    _check_out_dir(args.out)
+
+    from kvsieve.models import load_config, load_model, model_label
+
+    text_config = load_config(args.model).get_text_config()
+    if heads:
+        check_heads(heads, text_config.num_hidden_layers, text_config.num_attention_heads)
+    window = getattr(text_config, "max_position_embeddings", None)
+    if args.length is not None and window is not None and args.length > window:
+        raise KVSieveError(
+            f"--length {args.length} is beyond the model's window of {window} tokens; pass --length {window} or less"
+        )
+
+    import torch
+
+    from .diagnosis import diagnose, head_profile_from, write_json
+    from .profile import PROFILE_FILE
+    from .report import write_report
+    from .retrieval import chat_prompt, retrieval_scores
+
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -139,7 +186,7 @@ def _diagnose(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     elif args.text_file is not None:
-        ids = tokenizer(args.text_file.read_text(), return_tensors="pt", add_special_tokens=False).input_ids
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
         limit = args.length or window
         if limit is not None:
             ids = ids[:, :limit]
@@ -148,16 +195,17 @@ def _diagnose(args: argparse.Namespace) -> int:
         ids = default_text(tokenizer, args.length or DEFAULT_LENGTH)
         source = "pydoc (Python documentation prose, from a third of the way in)"
 
-    result = diagnose(
-        model,
-        ids,
-        tokenizer=tokenizer,
-        config=config,
-        map_heads=heads,
-        retrieval=retrieval,
-        model_name=model_label(args.model),
-        source=source,
-    )
+    with progress(f"profiling {ids.shape[1]:,} tokens..."):
+        result = diagnose(
+            model,
+            ids,
+            tokenizer=tokenizer,
+            config=config,
+            map_heads=heads,
+            retrieval=retrieval,
+            model_name=model_label(args.model),
+            source=source,
+        )
     cmd = _command_line(args)
     json_path = write_json(result, args.out)
     html_path = write_report(result, args.out, command=cmd)
@@ -179,7 +227,9 @@ def _diagnose(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    console = Console()
+    from rich.table import Table
+
+    console = stdout_console()
     table = Table(
         title=f"{result['model']}: {result['input']['n_tokens']} tokens, queries >= "
         f"{result['input']['query_start']} (means over query heads)"

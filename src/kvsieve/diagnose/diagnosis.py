@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_kwargs
 from ..errors import KVSieveError
 from ..sieve import Sieve
 from .profile import HeadProfile
 from .retrieval import RetrievalResult
-from .stats import HEAD_STATS, AttentionProfiler, StatsConfig, massive_activations
+from .stats import HEAD_STATS, AttentionProfiler, StatsConfig, check_heads, massive_activations
 
 DIAGNOSIS_FORMAT = "kvsieve-diagnosis"
 DIAGNOSIS_FILE = "diagnosis.json"
@@ -74,10 +75,12 @@ def diagnose(
     window = getattr(text_cfg, "max_position_embeddings", None)
     if window is not None and n > window:
         raise KVSieveError(f"the input has {n} tokens, beyond the model's window of {window}; shorten it")
+    if map_heads:  # checked before the forward pass, the slow part
+        check_heads(map_heads, text_cfg.num_hidden_layers, text_cfg.num_attention_heads)
     profiler = AttentionProfiler(config, n)
     t0 = time.perf_counter()
     with massive_activations(model, config) as massive, Sieve(profiler).attach(model) as cache:
-        model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=input_ids.to(model.device), use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         massive = dict(massive)
     seconds = time.perf_counter() - t0
     res = profiler.results()
@@ -120,8 +123,6 @@ def diagnose(
     chosen = map_heads or default_map_heads(stats, retrieval.scores if retrieval is not None else None)
     maps = {}
     for layer, head in chosen:
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise KVSieveError(f"head {layer}.{head} does not exist ({n_layers} layers x {n_heads} heads)")
         grid = res["maps"][layer, head]
         if not bool(grid.isnan().all()):
             maps[f"{layer}.{head}"] = [[round(float(x), 6) for x in row] for row in grid]

@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_kwargs
 from ..errors import KVSieveError
 from ..generation import prefill
 from ..methods.base import Method, Observation
 from ..sieve import Sieve
 from ..tasks import Sample, Task, get_task
-from .stats import decoder_layers
+from .stats import check_heads, decoder_layers
 
 
 class ArgmaxTracer(Method):
@@ -35,7 +36,7 @@ class ArgmaxTracer(Method):
 
     name = "diagnose-argmax"
     family = "analysis"
-    evicts = False
+    own_kind = "keep-all"
 
     def __init__(self) -> None:
         self.argmax: dict[int, torch.Tensor] = {}
@@ -147,7 +148,8 @@ def sample_retrieval(
             if token in eos or len(new_ids) == steps:
                 break
             step = torch.tensor([[token]], device=model.device)
-            logits = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            out = model(input_ids=step, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+            logits = out.logits[:, -1]
     return hits / max(len(span), 1), tokenizer.decode(new_ids, skip_special_tokens=True), int(hits.sum())
 
 
@@ -194,10 +196,10 @@ def masked_heads(model: torch.nn.Module, heads: Iterable[tuple[int, int]]) -> It
     """Zero the attention output of query heads ``(layer, head)`` (a pre-hook on ``o_proj``); removed on exit."""
     cfg = model.config.get_text_config()
     n_heads = cfg.num_attention_heads
+    heads = list(heads)
+    check_heads(heads, cfg.num_hidden_layers, n_heads)
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
-        if not (0 <= layer < cfg.num_hidden_layers and 0 <= head < n_heads):
-            raise KVSieveError(f"head {layer}.{head} does not exist ({cfg.num_hidden_layers} layers x {n_heads})")
         by_layer[layer].append(head)
     layers = decoder_layers(model)
     handles = []

@@ -71,9 +71,9 @@ class StatsConfig:
     def __post_init__(self) -> None:
         for name in ("first_k", "window", "map_size", "chunk", "sink_min_seen"):
             if int(getattr(self, name)) < 1:
-                raise KVSieveError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise KVSieveError(f"{name} must be at least 1, got {getattr(self, name)}; pass a positive integer")
         if self.query_start < 0:
-            raise KVSieveError(f"query_start must be >= 0, got {self.query_start}")
+            raise KVSieveError(f"query_start must be >= 0, got {self.query_start}; pass 0 to count every query")
         if not 0.0 < self.sink_threshold < 1.0 or not 0.0 < self.dormant_threshold <= 1.0:
             raise KVSieveError("sink_threshold must be in (0, 1) and dormant_threshold in (0, 1]")
 
@@ -101,7 +101,7 @@ class AttentionProfiler(Method):
 
     name = "diagnose-profiler"
     family = "analysis"
-    evicts = False
+    own_kind = "keep-all"
 
     def __init__(self, config: StatsConfig, n_tokens: int):
         self.config = config
@@ -216,6 +216,17 @@ class AttentionProfiler(Method):
             sinks[layer] = found
             maps[layer] = acc.map_sum.cpu() / acc.map_rows.cpu().clamp(min=1.0)[None, :, None]
         return {"stats": stats, "hidden_sinks": sinks, "maps": maps, "query_start": self.query_start}
+
+
+def check_heads(heads: list[tuple[int, int]], n_layers: int, n_heads: int) -> None:
+    """KVSieveError unless every ``(layer, query head)`` exists in a model of ``n_layers`` x ``n_heads``."""
+    missing = [f"{layer}.{head}" for layer, head in heads if not (0 <= layer < n_layers and 0 <= head < n_heads)]
+    if missing:
+        subject = f"heads {', '.join(missing)} do" if len(missing) > 1 else f"head {missing[0]} does"
+        raise KVSieveError(
+            f"{subject} not exist: the model has {n_layers} layers x {n_heads} query heads; "
+            f"pass layer.head with layer 0-{n_layers - 1} and head 0-{n_heads - 1}"
+        )
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import AttentionRequest
+from ..errors import KVSieveError
 from . import register
-from .base import Method, Observation, recent_mask
+from .base import Method, Observation, hp, recent_mask
 
 STATE = "accumulated_attention"
 
@@ -34,18 +35,16 @@ class A2SF(Method):
     recent: share of the budget reserved for the most recent tokens (H2O: 0.5); the rest goes to top scores.
     """
 
-    forgetting: float = 0.9
-    recent: float = 0.5
+    forgetting: float = hp(0.9, gt=0.0, le=1.0)
+    recent: float = hp(0.5, ge=0.0, lt=1.0)
 
     name = "a2sf"
     paper = "Jo & Shin 2024, arXiv:2407.20485"
     needs = "attention (all queries, every step)"
-
-    def __post_init__(self) -> None:
-        if not (0.0 < self.forgetting <= 1.0):
-            raise ValueError(f"forgetting factor must be in (0, 1], got {self.forgetting}")
-        if not (0.0 <= self.recent < 1.0):
-            raise ValueError(f"recent share must be in [0, 1), got {self.recent}")
+    simplifications = (
+        "forgetting 0.9 by default; within one forward pass the decay is applied row by row (exactly what single steps "
+        "give); per KV head as `h2o`"
+    )
 
     def attention_request(self, evicting: bool) -> AttentionRequest:
         return AttentionRequest(last=None, decay=self.forgetting)
@@ -68,12 +67,15 @@ class A2SF(Method):
 class H2O(A2SF):
     """H2O: A2SF with no forgetting (``forgetting = 1``); heavy hitters plus a recent window."""
 
-    forgetting: float = 1.0
+    forgetting: float = hp(1.0, gt=0.0, le=1.0)
 
     name = "h2o"
+    simplifications = (
+        "`a2sf` with forgetting 1; half the budget for heavy hitters, half for recent tokens; scores per KV head, the "
+        "mean over its query heads (the paper's models are multi-head)"
+    )
     paper = "Zhang et al. 2023, arXiv:2306.14048"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.forgetting != 1.0:
-            raise ValueError("h2o accumulates without forgetting; use a2sf(forgetting=...) for gamma < 1")
-        super().__post_init__()
+            raise KVSieveError("h2o accumulates without forgetting; use a2sf(forgetting=...) for gamma < 1")

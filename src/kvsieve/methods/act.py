@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import STATS_CHUNK, AttentionRequest, causal_allowed, column_sums
-from ..errors import KVSieveError
 from . import register
-from .base import Observation
-from .zerotuning import Calibration
+from .base import Observation, hp
+from .families import Calibration
 
 
 @register
@@ -40,19 +39,16 @@ class ACT(Calibration):
     (one query) a key is a sink when that query's attention on it exceeds ``threshold``.
     """
 
-    beta: float = 0.4
-    threshold: float = 0.1
+    beta: float = hp(0.4, gt=0.0, le=1.0)
+    threshold: float = hp(0.1, gt=0.0, lt=1.0)
 
     name = "act"
     paper = "Yu et al. 2024, arXiv:2406.15765"
     needs = "queries and keys (attention per pass)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (isinstance(self.beta, (int, float)) and 0.0 < self.beta <= 1.0):
-            raise KVSieveError(f"beta must be in (0, 1] (1 changes nothing), got {self.beta!r}")
-        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
-            raise KVSieveError(f"threshold must be in (0, 1), got {self.threshold!r}")
+    simplifications = (
+        "heads are given (default all) rather than chosen by the paper's search on a calibration set; sinks are found "
+        "per forward pass as in the authors' code"
+    )
 
     @torch.no_grad()
     def calibration_bias(self, obs: Observation) -> torch.Tensor | None:

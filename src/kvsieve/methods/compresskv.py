@@ -27,12 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import AttentionRequest
+from ..compat import cache_kwargs
 from ..errors import KVSieveError
 from . import register
-from .base import Method, Observation, recent_mask
+from .base import LayerContext, Method, Observation, hp, pool_in_stream_order, recent_mask
 
 KEPT = "compresskv_kept"
 
@@ -48,31 +48,33 @@ class CompressKV(Method):
     n_sink: leading tokens ignored when choosing heads online.
     """
 
-    window: int = 8
-    kernel: int = 5
-    n_heads: int = 4
+    window: int = hp(8, ge=1)
+    kernel: int = hp(5, ge=1, odd=True)
+    n_heads: int = hp(4, ge=1)
     heads: tuple | None = None
     layer_weights: tuple | None = None
-    min_tokens: int = 32
-    max_factor: float = 3.0
-    n_sink: int = 4
+    min_tokens: int = hp(32, ge=1)
+    max_factor: float = hp(3.0, ge=1.0)
+    n_sink: int = hp(4, ge=0)
 
     name = "compresskv"
     paper = "Lin et al. 2025, arXiv:2508.02401"
     needs = "attention (observation window), per query head"
+    simplifications = (
+        "semantic retrieval heads and per-layer budgets come from `compresskv.calibrate(model, ids)`; without "
+        "calibration, heads are chosen online per pass (most window attention outside sinks and the window) and budgets"
+        " are uniform"
+    )
 
-    def __post_init__(self) -> None:
-        if self.kernel % 2 != 1:
-            raise KVSieveError("kernel must be odd so pooling stays centred")
-        if self.n_heads < 1 or self.window < 1:
-            raise KVSieveError(f"n_heads and window must be at least 1, got {self.n_heads}, {self.window}")
+    def validate(self) -> None:
         if self.layer_weights is not None and (min(self.layer_weights) < 0 or sum(self.layer_weights) <= 0):
             raise KVSieveError("layer_weights must be non-negative shares with a positive sum (from calibrate())")
 
     def attention_request(self, evicting: bool) -> AttentionRequest | None:
         return AttentionRequest(last=self.window) if evicting else None
 
-    def layer_budget(self, budget: int, layer_idx: int, n_layers: int) -> int:
+    def layer_budget(self, budget: int, ctx: LayerContext) -> int:
+        n_layers = ctx.n_layers
         if self.layer_weights is None:
             return budget
         if len(self.layer_weights) != n_layers:
@@ -83,7 +85,7 @@ class CompressKV(Method):
         budgets = error_aware_budgets(
             self.layer_weights, budget, min(self.min_tokens, budget), max(budget, int(self.max_factor * budget))
         )
-        return budgets[layer_idx]
+        return budgets[ctx.layer_idx]
 
     def retrieval_heads(self, obs: Observation) -> torch.Tensor:
         """Indices of this segment's query heads that vote, ``(n,)``."""
@@ -106,9 +108,9 @@ class CompressKV(Method):
     def score(self, obs: Observation) -> torch.Tensor:
         votes = obs.attention  # (B, hq, T), window queries
         b, hq, t = votes.shape
-        pooled = F.avg_pool1d(
-            votes.reshape(b * hq, 1, t), self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=False
-        ).reshape(b, hq, t)
+        positions = obs.positions[:, :1].expand(b, hq, t)
+        valid = None if obs.valid is None else obs.valid[:, :1]
+        pooled = pool_in_stream_order(votes, positions, self.kernel, "avg", valid)
         srh = self.retrieval_heads(obs)
         scores = pooled[:, srh].mean(dim=1, keepdim=True).expand(-1, obs.keys.shape[1], -1).clone()
         return scores.masked_fill(recent_mask(obs.positions, min(self.window, obs.n_new)), float("inf"))
@@ -143,7 +145,7 @@ class _HeadProbe(Method):
     """Keeps every token; during teacher-forced decoding, adds up each query head's attention on a span."""
 
     name = "compresskv-head-probe"
-    evicts = False
+    own_kind = "keep-all"
 
     def __init__(self, span: slice):
         self.span = span
@@ -168,7 +170,7 @@ class _ErrorProbe(Method):
     each layer's relative error of the attention output with only the marked (and new) tokens."""
 
     name = "compresskv-error-probe"
-    evicts = False
+    own_kind = "keep-all"
 
     def __init__(self, method: CompressKV, compression: float):
         self.method, self.compression = method, compression
@@ -183,7 +185,8 @@ class _ErrorProbe(Method):
             t = obs.keys.shape[2]
             self.prompt_tokens = t
             budget = max(1, int(t * (1.0 - self.compression)))
-            obs.budget = self.method.layer_budget(budget, obs.layer_idx, obs.n_layers)
+            ctx = LayerContext(obs.layer_idx, obs.n_layers, obs.seen, obs.n_new)
+            obs.budget = self.method.layer_budget(budget, ctx)
             keep = self.method.score(obs).topk(min(obs.budget, t), dim=-1).indices
             kept = torch.zeros(obs.positions.shape, dtype=torch.float32, device=keep.device).scatter_(2, keep, 1.0)
             obs.state[KEPT] = kept
@@ -236,9 +239,9 @@ def calibrate(
     prompt = torch.cat([ids[:, :half], span_ids, ids[:, half:], span_ids[:, :1]], dim=1)
     head_probe = _HeadProbe(slice(half, half + needle))
     with Sieve(head_probe).attach(model) as cache:
-        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True)
         for i in range(1, needle):
-            model(input_ids=span_ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            model(input_ids=span_ids[:, i : i + 1], **cache_kwargs(model, cache), use_cache=True)
     n_layers = model.config.get_text_config().num_hidden_layers
     n_heads = min(n_heads, model.config.get_text_config().num_attention_heads)
     # layers kvsieve does not compress (sliding windows) get no SRH: all their heads would vote
@@ -250,10 +253,10 @@ def calibrate(
 
     error_probe = _ErrorProbe(method, compression)
     with Sieve(error_probe).attach(model) as cache:
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
         for _ in range(steps):
             nxt = logits[:, -1:].argmax(-1)
-            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
     measured = error_probe.errors
     mean = sum(measured.values()) / max(1, len(measured))
     errors = [measured.get(i, mean) for i in range(n_layers)]  # uncompressed layers: an average share

@@ -35,9 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionRequest
-from ..errors import KVSieveError
 from . import register
-from .base import Method, Observation, recent_mask
+from .base import Method, Observation, hp, recent_mask, top_slots
 
 GLOBAL, LOCAL = "ems_global", "ems_local"
 QUERIES = "ems_queries"
@@ -52,20 +51,20 @@ class EMS(Method):
     do not fit that are merged rather than evicted. threshold: similarity (cos of keys x cos of values) needed to merge.
     """
 
-    window: int = 32
-    merge_ratio: float = 0.5
+    window: int = hp(32, ge=1)
+    merge_ratio: float = hp(0.5, ge=0.0, le=1.0)
     threshold: float = 0.5
 
     name = "ems"
     family = "eviction + merging"
     paper = "Li et al. 2024, arXiv:2412.08521"
     needs = "attention (all queries, every step) + recent queries"
-
-    def __post_init__(self) -> None:
-        if self.window < 1:
-            raise KVSieveError(f"window must be at least 1, got {self.window}")
-        if not 0.0 <= self.merge_ratio <= 1.0:
-            raise KVSieveError(f"merge_ratio must be in [0, 1], got {self.merge_ratio}")
+    simplifications = (
+        "no sparsity-driven head-wise budgets (every head keeps `budget`; `adakv:ems` gives head-wise budgets and still"
+        " merges, per head); the local score is recomputed each pass from the `window` most recent queries kept per "
+        "layer; negative key/value cosines count as 0 in the redundancy product; scores per KV head; zero class as a "
+        "dummy centre that is dropped"
+    )
 
     def attention_request(self, evicting: bool) -> AttentionRequest:
         return AttentionRequest(last=None)
@@ -118,7 +117,8 @@ class EMS(Method):
         candidates = scores.masked_fill(kept, float("-inf"))
         if obs.valid is not None:
             candidates = candidates.masked_fill(~obs.valid, float("-inf"))
-        tbm_scores, tbm = candidates.topk(n_tbm, dim=-1)
+        tbm = top_slots(candidates, n_tbm)
+        tbm_scores = candidates.gather(-1, tbm)
         real = torch.isfinite(tbm_scores)
         return evict_then_merge(
             obs.keys, obs.values, keep, scores.gather(2, keep), tbm, tbm_scores, real, self.threshold

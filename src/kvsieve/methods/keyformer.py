@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import KVSieveError
 from . import register
-from .base import Method, Observation, recent_mask
+from .base import Method, Observation, hp, recent_mask
 
 STATE = "keyformer_score"
 STEPS = "keyformer_steps"
@@ -43,23 +42,21 @@ class Keyformer(Method):
     (1 is the paper; 0 is deterministic). seed: noise seed.
     """
 
-    recent: float = 0.3
-    tau_init: float = 1.0
-    tau_delta: float = 0.01
-    noise: float = 1.0
+    recent: float = hp(0.3, ge=0.0, lt=1.0)
+    tau_init: float = hp(1.0, gt=0.0)
+    tau_delta: float = hp(0.01, ge=0.0)
+    noise: float = hp(1.0, ge=0.0)
     seed: int = 0
 
     name = "keyformer"
     paper = "Adnan et al. 2024, arXiv:2403.09054"
     needs = "queries and keys (logits, every step)"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.recent < 1.0:
-            raise KVSieveError(f"recent share must be in [0, 1), got {self.recent}")
-        if self.tau_init <= 0 or self.tau_delta < 0:
-            raise KVSieveError(f"need tau_init > 0 and tau_delta >= 0, got {self.tau_init}, {self.tau_delta}")
-        if self.noise < 0:
-            raise KVSieveError(f"noise scale must be >= 0, got {self.noise}")
+    simplifications = (
+        "scores per KV head, averaged over the query heads of its group; with chunked prefill every chunk uses "
+        "`tau_init`; logits computed from the pass's queries, 256 rows at a time; seeded Gumbel noise (`noise=0` is the"
+        " deterministic score); refuses left-padded batches (noise is drawn per slot)"
+    )
+    batch = "unpadded"  # its Gumbel noise is drawn per slot, so a padded row would draw other noise than alone
 
     def temperature(self, obs: Observation) -> float:
         """``tau_init`` for prompt passes, ``tau_init + step x tau_delta`` for the ``step``-th decoding step."""

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cache import Segment
 from ..errors import KVSieveError
-from ..quant import KiviSegment, PackedSegment
+from ..storage import Segment
+from ..storage.quantized import KiviSegment, PackedSegment
 from . import register
-from .pyramidkv import Wrapper, packs
+from .base import LayerContext, Wrapper, hp, overrides
 
 
 @register
@@ -34,34 +34,30 @@ class KIVI(Wrapper):
     full precision (KIVI: 128).
     """
 
-    bits: int = 2
-    group: int = 32
-    residual: int = 128
+    bits: int = hp(2, choices=(2, 4, 8))
+    group: int = hp(32, ge=1)
+    residual: int = hp(128, ge=0)
 
     name = "kivi"
     family = "quantization"
     paper = "Liu et al. 2024, arXiv:2402.02750"
     needs = "keys and values"
-    evicts = False
-    default_inner = None
+    simplifications = (
+        "values quantised per token over the whole head dimension; when eviction leaves heads with different numbers of"
+        " quantised tokens, the surplus returns to the full-precision residual as the values it decodes to; refuses "
+        "left-padded batches (groups are counted in slots)"
+    )
+    batch = "unpadded"  # quantisation groups and the residual are counted in slots, which left padding would shift
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.bits not in (2, 4, 8):
-            raise KVSieveError(f"kivi stores 2, 4 or 8-bit codes, got bits={self.bits}")
-        if self.group < 1 or self.residual < 0:
-            raise KVSieveError(
-                f"kivi needs group >= 1 and residual >= 0, got group={self.group}, residual={self.residual}"
-            )
-        if packs(self.inner):
+    def validate(self) -> None:
+        if overrides(self.inner, "pack"):
             raise KVSieveError(
                 "kivi quantises plain storage; it cannot wrap another storage method (kivi, zipcache, "
                 "minicache). Put the evicting method inside: kivi:snapkv"
             )
-        self.evicts = self.inner is not None and self.inner.evicts
 
-    def pack(self, segment: Segment) -> Segment:
-        segment = super().pack(segment)
+    def pack(self, segment: Segment, ctx: LayerContext) -> Segment:
+        segment = super().pack(segment, ctx)
         if not isinstance(segment, KiviSegment):
             if isinstance(segment, PackedSegment):
                 raise KVSieveError(f"kivi cannot quantise a {type(segment).__name__}")

@@ -22,6 +22,7 @@ class KNorm(Method):
     name = "knorm"
     paper = "Devoto et al. 2024, arXiv:2406.11430"
     needs = "keys"
+    simplifications = "none: lowest key L2 norm kept (fp32 norms)"
 
     def score(self, obs: Observation) -> torch.Tensor:
         return -obs.keys.to(torch.float32).norm(dim=-1)

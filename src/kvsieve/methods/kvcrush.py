@@ -12,8 +12,9 @@ Signatures here are the inner method's keep decisions per KV head of a storage s
 (0101...), ``"mean"`` (the majority bit of each head) or ``"random"`` (seeded).
 
 Simplifications: bits are per KV head, not per query head; a segment with one KV head (MQA, or heads split by a
-head-wise policy) has 1-bit signatures, and the groups then cover the evicted tokens in order of position; the
-representative is the token the inner method scores highest in its group.
+head-wise policy) has 1-bit signatures, and the groups then cover the evicted tokens in slot order (stream order
+after a prefill; the policy sees scores, not positions); the representative is the token the inner method scores
+highest in its group.
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import KVSieveError
 from . import register
-from .base import Method, overrides
-from .pyramidkv import Wrapper
+from .base import LayerContext, Wrapper, hp, top_slots
 
 
 @register
@@ -37,35 +36,30 @@ class KVCrush(Wrapper):
     "alternate", "mean" or "random". seed: for the random anchor.
     """
 
-    share: float = 0.2
-    anchor: str = "alternate"
+    share: float = hp(0.2, ge=0.0, lt=1.0)
+    anchor: str = hp("alternate", choices=("alternate", "mean", "random"))
     seed: int = 0
 
     name = "kvcrush"
     family = "eviction add-on"
     paper = "Jha et al. 2025, arXiv:2503.00022"
     needs = "the wrapped method's scores"
+    simplifications = (
+        "signature bits are per KV head (the inner method's per-head keep decisions), not per query head; with one "
+        "KV head per segment the groups cover evicted tokens in slot order; the representative is the inner "
+        "method's best-scored token of its group"
+    )
+    own_kind = "evict"
+    default_inner = "snapkv"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.share < 1.0:
-            raise KVSieveError(f"share must be in [0, 1), got {self.share}")
-        if self.anchor not in ("alternate", "mean", "random"):
-            raise KVSieveError(f"anchor must be 'alternate', 'mean' or 'random', got {self.anchor!r}")
-        if _has_policy(self.inner):
-            raise KVSieveError(
-                "kvcrush is itself a selection policy and cannot wrap another one (adakv, kvcrush); "
-                "wrap a scorer, e.g. kvcrush:snapkv"
-            )
-
-    def select(self, scores: list[torch.Tensor], budget: int) -> list[torch.Tensor]:
+    def select(self, scores: list[torch.Tensor], budget: int, ctx: LayerContext) -> list[torch.Tensor]:
         return [self._select_segment(s, budget) for s in scores]
 
     def _select_segment(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         b, h, t = scores.shape
         k = min(budget, t)
         n_crush = int(self.share * k)
-        main = scores.topk(k - n_crush, dim=-1).indices
+        main = top_slots(scores, k - n_crush)
         kept = torch.zeros(b, h, t, dtype=torch.bool, device=scores.device)
         kept.scatter_(2, main, True)
         if n_crush == 0:
@@ -82,7 +76,7 @@ class KVCrush(Wrapper):
                 if reps.numel() < n_crush:  # fewer candidates than slots: the inner method's next best tokens
                     extra = scores[bi, hi].masked_fill(kept[bi, hi], float("-inf"))
                     extra[reps] = float("-inf")
-                    reps = torch.cat([reps, extra.topk(n_crush - reps.numel()).indices])
+                    reps = torch.cat([reps, top_slots(extra, n_crush - reps.numel())])
                 rows.append(torch.cat([main[bi, hi], reps]))
             out.append(torch.stack(rows))
         return torch.stack(out)
@@ -128,8 +122,3 @@ def representatives(groups: torch.Tensor, scores: torch.Tensor, n_groups: int) -
     first = torch.full((n_groups,), scores.shape[0], device=scores.device, dtype=torch.long)
     first = first.scatter_reduce(0, groups[winners], winners, "amin")
     return first[first < scores.shape[0]]
-
-
-def _has_policy(method: Method | None) -> bool:
-    """True if ``method`` or a method it wraps replaces the selection policy (adakv, kvcrush)."""
-    return overrides(method, "select")

@@ -22,7 +22,7 @@ import torch
 from ..errors import BudgetError, KVSieveError
 from . import register
 from .base import Observation
-from .tokenselect import SelectiveMethod, held_unchanged
+from .families import SelectiveMethod, held_unchanged
 
 
 def page_bounds(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +70,15 @@ class Quest(SelectiveMethod):
     name = "quest"
     paper = "Tang et al. 2024, arXiv:2406.10774"
     needs = "keys (per-page min/max) and the decoding query"
+    simplifications = (
+        "GQA: a KV head's page score is the maximum of its query heads' bounds; the last (partial) page is always read;"
+        " dense tensor ops, not the paper's CUDA kernels; pages are groups of 16 slots (stream order unless decoding "
+        "evicted), so left-padded batches are refused"
+    )
+    batch = "unpadded"  # pages are groups of slots, which left padding would shift
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if self.page_size < 1:
             raise KVSieveError(f"quest: page_size must be at least 1, got {self.page_size}")
         if self.dense_layers < 0:
@@ -117,7 +123,7 @@ class Quest(SelectiveMethod):
         if obs.layer_idx < self.dense_layers:
             return None
         b, h, t, _ = obs.keys.shape
-        budget = obs.budget
+        budget = obs.read_budget
         if budget >= t:
             return None
         if budget < self.page_size:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from . import register
-from .base import Observation
-from .duoattention import HeadwiseRetention
+from .base import Observation, hp
+from .families import HeadwiseRetention
 
 SLOT = "razor_slot"
 COUNT = "razor_count"
@@ -41,9 +41,15 @@ class RazorAttention(HeadwiseRetention):
     so ``PrefillSnapshot.compress`` refuses this method and the bench gives it its own prefill.
     """
 
-    ratio: float = 0.15
+    ratio: float = hp(0.15, ge=0.0, le=1.0)
 
     name = "razorattention"
+    simplifications = (
+        "retrieval heads are the KV heads with the highest diagnosed copy-paste retrieval scores (`ratio` 0.15), not "
+        "echo/induction scores; the recent window of the other heads is the sieve's budget, not max(S0, N/C); the "
+        "compensation token is built from keys as stored; the shared prefill cannot replay its bias, so the bench "
+        "prefills it on its own"
+    )
     paper = "Tang et al. 2024, arXiv:2407.15891"
     extra_slots = 1
 

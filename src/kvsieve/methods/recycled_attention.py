@@ -16,9 +16,9 @@ import torch
 
 from ..errors import KVSieveError
 from . import register
-from .base import Observation
+from .base import Observation, top_slots
+from .families import SelectiveMethod, held_unchanged, query_similarity, remap_by_position
 from .tidaldecode import group_attention
-from .tokenselect import SelectiveMethod, held_unchanged, query_similarity, remap_by_position
 
 
 @register
@@ -43,9 +43,14 @@ class RecycledAttention(SelectiveMethod):
     name = "recycled_attention"
     paper = "Xu et al. 2024, arXiv:2411.05787"
     needs = "attention of the decoding query on full steps"
+    simplifications = (
+        "GQA: each KV head recycles its own top tokens; full-step scores come from a second pass over the keys; "
+        "recycled tokens are indices into the one kept cache; tokens generated since the full step count against the "
+        "read budget; the similarity test is per layer"
+    )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 0:
             raise KVSieveError(f"recycled_attention: stride must be a whole number >= 0, got {self.stride!r}")
         if self.stride == 0 and self.similarity is None:
@@ -73,7 +78,7 @@ class RecycledAttention(SelectiveMethod):
 
     def reads(self, obs: Observation) -> torch.Tensor | None:
         b, h, t, _ = obs.keys.shape
-        budget = obs.budget
+        budget = obs.read_budget
         state = self._state(obs, "recycle")
         state.setdefault("full_steps", 0)
         state.setdefault("partial_steps", 0)
@@ -84,7 +89,7 @@ class RecycledAttention(SelectiveMethod):
         if stale and self.inner is None:  # cannot happen without eviction, but never recycle shifted indices
             state["order"] = None
         if self.full_step_due(state, obs, budget):
-            order = group_attention(obs, t - 1).topk(budget - 1, dim=-1).indices  # (B, h, K), most attended first
+            order = top_slots(group_attention(obs, t - 1), budget - 1)  # (B, h, K), most attended first
             state.update(
                 order=order,
                 order_positions=obs.positions.gather(-1, order),

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import AttentionRequest
 from . import register
-from .base import Method, Observation, recent_mask
+from .base import Method, Observation, hp, pool_in_stream_order, recent_mask
 
 
 @register
@@ -26,32 +25,23 @@ class SnapKV(Method):
     window: observation window (the paper uses 32). kernel: pooling size (5 in kvpress). pooling: "avg" or "max".
     """
 
-    window: int = 32
-    kernel: int = 5
-    pooling: str = "avg"
+    window: int = hp(32, ge=1)
+    kernel: int = hp(5, ge=1, odd=True)
+    pooling: str = hp("avg", choices=("avg", "max"))
 
     name = "snapkv"
     paper = "Li et al. 2024, arXiv:2404.14469"
     needs = "attention (observation window)"
-
-    def __post_init__(self) -> None:
-        if self.pooling not in ("avg", "max"):
-            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
-        if self.kernel % 2 != 1:
-            raise ValueError("kernel must be odd so pooling stays centred")
+    simplifications = (
+        "window 32, average pooling 5 over stream neighbours (kvpress's defaults); mean over the GQA group; with "
+        "chunked prefill each chunk's last queries vote; at a decoding step that evicts the window is the one new query"
+    )
 
     def attention_request(self, evicting: bool) -> AttentionRequest | None:
         return AttentionRequest(last=self.window) if evicting else None
 
     def score(self, obs: Observation) -> torch.Tensor:
         votes = obs.attention_per_kv_head()  # (B, h, T)
-        b, h, t = votes.shape
-        flat = votes.reshape(b * h, 1, t)
-        pad = self.kernel // 2
-        if self.pooling == "avg":
-            pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=pad, count_include_pad=False)
-        else:
-            pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=pad)
-        scores = pooled.reshape(b, h, t)
+        scores = pool_in_stream_order(votes, obs.positions, self.kernel, self.pooling, obs.valid)
         window = min(self.window, obs.n_new)
         return scores.masked_fill(recent_mask(obs.positions, window), float("inf"))

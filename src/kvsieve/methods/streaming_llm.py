@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import register
-from .base import Method, Observation, check_sinks_fit
+from .base import Method, Observation, check_sinks_fit, hp
 
 
 @register
@@ -25,12 +25,17 @@ class StreamingLLM(Method):
     rerotate: positions within the cache (the paper) rather than original positions.
     """
 
-    n_sink: int = 4
+    n_sink: int = hp(4, ge=0)
     rerotate: bool = True
 
     name = "streaming_llm"
     paper = "Xiao et al. 2024, arXiv:2309.17453"
     needs = "positions"
+    simplifications = (
+        "none: sinks + recent window, distances re-indexed within the cache as in the paper (keys stored at stream "
+        "positions, each rotated by the evictions after it: only the sinks move); `rerotate=False` keeps original "
+        "positions, as kvpress's press; refuses models with sliding-window layers when re-rotating"
+    )
 
     def check_budget(self, tokens: int) -> None:
         check_sinks_fit(tokens, self.n_sink, self.name)

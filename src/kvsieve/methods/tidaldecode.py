@@ -18,8 +18,8 @@ import torch
 
 from ..errors import KVSieveError
 from . import register
-from .base import Observation
-from .tokenselect import SelectiveMethod, remap_by_position
+from .base import Observation, top_slots
+from .families import SelectiveMethod, remap_by_position
 
 SHARED = "tidaldecode"
 
@@ -66,9 +66,14 @@ class TidalDecode(SelectiveMethod):
     name = "tidaldecode"
     paper = "Yang et al. 2024, arXiv:2410.05076"
     needs = "attention of the decoding query in the selection layers"
+    simplifications = (
+        "GQA: each KV head reads its own top tokens by its query heads' summed probabilities; the selection layer "
+        "computes those scores in a second pass over the keys; no KV-cache correction; composed with eviction, later "
+        "layers find the chosen tokens by position"
+    )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if self.dense_layers < 0:
             raise KVSieveError(f"tidaldecode: dense_layers must be >= 0, got {self.dense_layers}")
         if self.reselect_layer is not None and self.reselect_layer != -1 and self.reselect_layer <= self.dense_layers:
@@ -89,7 +94,7 @@ class TidalDecode(SelectiveMethod):
         if obs.layer_idx < self.dense_layers:
             return None
         h, t = obs.keys.shape[1], obs.keys.shape[2]
-        budget = obs.budget
+        budget = obs.read_budget
         step = obs.positions[:, 0, -1].clone()  # the newest token's position identifies this decoding step
         shared = obs.shared.setdefault(SHARED, {})
         if shared.get("step") is None or not torch.equal(shared["step"], step):
@@ -102,7 +107,7 @@ class TidalDecode(SelectiveMethod):
             shared.update(step=step, made_at=obs.layer_idx)
             if budget >= t:
                 return None
-            order = group_attention(obs, t - 1).topk(budget - 1, dim=-1).indices  # (B, h, budget - 1), best first
+            order = top_slots(group_attention(obs, t - 1), budget - 1)  # (B, h, budget - 1), best first
             heads = shared.setdefault("heads", {})
             for i in range(h):  # per KV head, so a later layer split into per-head segments finds its own
                 heads[obs.head_start + i] = (order[:, i], obs.positions[:, i].gather(-1, order[:, i]), t)

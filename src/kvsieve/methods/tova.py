@@ -24,6 +24,7 @@ class TOVA(Method):
     name = "tova"
     paper = "Oren et al. 2024, arXiv:2401.06104"
     needs = "attention (last query)"
+    simplifications = "none: attention of the last query averaged over all heads of the layer"
 
     def attention_request(self, evicting: bool) -> AttentionRequest | None:
         return AttentionRequest(last=1) if evicting else None

@@ -30,12 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import Segment
 from ..errors import KVSieveError
-from ..quant import FP, MixedSegment, PackedSegment
+from ..storage import Segment
+from ..storage.quantized import FP, MixedSegment, PackedSegment
 from . import register
-from .base import Observation
-from .pyramidkv import Wrapper, packs
+from .base import LayerContext, Observation, Wrapper, hp, overrides
 
 ATTN, SEEN = "zipcache_attention", "zipcache_queries"
 CHUNK = 256  # probe rows per block: memory O(CHUNK * T) per head
@@ -50,37 +49,30 @@ class ZipCache(Wrapper):
     of each pass's queries used to measure saliency (half the most recent, half random; the paper uses 10%).
     """
 
-    high_bits: int = 4
-    low_bits: int = 2
-    salient: float = 0.5
-    block: int = 64
-    probes: float = 0.1
+    high_bits: int = hp(4, choices=(2, 4, 8))
+    low_bits: int = hp(2, choices=(2, 4, 8))
+    salient: float = hp(0.5, ge=0.0, le=1.0)
+    block: int = hp(64, ge=1)
+    probes: float = hp(0.1, gt=0.0, le=1.0)
     seed: int = 0
 
     name = "zipcache"
     family = "quantization"
     paper = "He et al. 2024, arXiv:2405.14256"
     needs = "queries and keys (probe attention)"
-    evicts = False
-    default_inner = None
+    simplifications = (
+        "scales and zero points per (token, KV head) rather than per token across heads; channel normalisers computed "
+        "on the first tokens quantised and reused; saliency averaged over the query heads of a KV head; refuses left-"
+        "padded batches"
+    )
+    batch = "unpadded"  # blocks and channel normalisers are counted in slots, which left padding would shift
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for bits in (self.high_bits, self.low_bits):
-            if bits not in (2, 4, 8):
-                raise KVSieveError(f"zipcache stores 2, 4 or 8-bit codes, got {bits}")
-        if not 0.0 <= self.salient <= 1.0:
-            raise KVSieveError(f"salient is a fraction of tokens in [0, 1], got {self.salient}")
-        if not 0.0 < self.probes <= 1.0:
-            raise KVSieveError(f"probes is a fraction of queries in (0, 1], got {self.probes}")
-        if self.block < 1:
-            raise KVSieveError(f"block must be at least 1 token, got {self.block}")
-        if packs(self.inner):
+    def validate(self) -> None:
+        if overrides(self.inner, "pack"):
             raise KVSieveError(
                 "zipcache quantises plain storage; it cannot wrap another storage method (kivi, "
                 "zipcache, minicache). Put the evicting method inside: zipcache:snapkv"
             )
-        self.evicts = self.inner is not None and self.inner.evicts
 
     def observe(self, obs: Observation) -> None:
         super().observe(obs)
@@ -93,8 +85,8 @@ class ZipCache(Wrapper):
         obs.state[ATTN] = attn + sums
         obs.state[SEEN] = obs.state[SEEN] + counts.expand(b, h, t)
 
-    def pack(self, segment: Segment) -> Segment:
-        segment = super().pack(segment)
+    def pack(self, segment: Segment, ctx: LayerContext) -> Segment:
+        segment = super().pack(segment, ctx)
         if not isinstance(segment, MixedSegment):
             if isinstance(segment, PackedSegment):
                 raise KVSieveError(f"zipcache cannot quantise a {type(segment).__name__}")

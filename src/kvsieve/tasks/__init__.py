@@ -16,6 +16,8 @@ Tasks (:data:`TASKS`):
 * ``common_words``: the 10 most common words of a numbered list.
 * ``frequent_words``: the 3 most frequent coded words under a Zipf law.
 * ``qa``: a question about invented facts, with distractor facts.
+* ``multi_passkey``: four doors' pass keys in one context, each asked in its own question (``Sample.followups``):
+  the bench compresses the context once and answers every question from that cache.
 
 Haystacks (:mod:`kvsieve.tasks.haystack`, all offline): ``"pydoc"`` (CPython's ``pydoc_data`` topics, the
 default of the NIAH tasks and ``qa``), ``"licenses"`` (``/usr/share/common-licenses``) and ``"noise"`` (the
@@ -40,6 +42,7 @@ from kvsieve.tasks.base import (
     DEFAULT_HAYSTACK,
     LENGTH_TOLERANCE,
     HaystackTask,
+    Question,
     Sample,
     Task,
     TaskError,
@@ -48,7 +51,7 @@ from kvsieve.tasks.base import (
     string_match_all,
 )
 from kvsieve.tasks.haystack import HAYSTACKS, HaystackNotFoundError, UnknownHaystackError, load_haystack
-from kvsieve.tasks.niah import NIAHTask, PasskeyTask
+from kvsieve.tasks.niah import MultiPasskeyTask, NIAHTask, PasskeyTask
 from kvsieve.tasks.qa import QATask
 from kvsieve.tasks.tracking import VariableTrackingTask
 
@@ -62,9 +65,11 @@ __all__ = [
     "FrequentWordsTask",
     "HaystackNotFoundError",
     "HaystackTask",
+    "MultiPasskeyTask",
     "NIAHTask",
     "PasskeyTask",
     "QATask",
+    "Question",
     "Sample",
     "Task",
     "TaskError",
@@ -110,6 +115,7 @@ def _build() -> dict[str, Task]:
         CommonWordsTask(),
         FrequentWordsTask(),
         QATask(),
+        MultiPasskeyTask(),
     ]
     return {t.name: t for t in tasks}
 

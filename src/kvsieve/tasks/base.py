@@ -19,6 +19,7 @@ __all__ = [
     "LENGTH_TOLERANCE",
     "HaystackTask",
     "Needles",
+    "Question",
     "Sample",
     "Task",
     "TaskError",
@@ -44,6 +45,17 @@ class TaskError(KVSieveError, ValueError):
 
 
 @dataclass
+class Question:
+    """One more question about a sample's context (multi-question tasks), with its own answers."""
+
+    question: str
+    answers: list[str]
+    answer_prefix: str
+    max_new_tokens: int
+    depth: float | None = None
+
+
+@dataclass
 class Sample:
     """One generated evaluation sample.
 
@@ -65,11 +77,32 @@ class Sample:
     seed: int
     index: int
     meta: dict[str, Any] = field(default_factory=dict)
+    followups: list[Question] = field(default_factory=list)
+    """Further questions about the same context (multi-question tasks); asked after ``question``, in order."""
 
     @property
     def prompt(self) -> str:
         """``context + question``: the text whose token count is :attr:`n_tokens`."""
         return self.context + self.question
+
+    @property
+    def n_questions(self) -> int:
+        return 1 + len(self.followups)
+
+    def for_question(self, i: int) -> Sample:
+        """This sample as if question ``i`` were its only one (0: itself), so a task scores it as usual."""
+        if i == 0:
+            return self
+        q = self.followups[i - 1]
+        return dataclasses.replace(
+            self,
+            question=q.question,
+            answers=list(q.answers),
+            answer_prefix=q.answer_prefix,
+            max_new_tokens=q.max_new_tokens,
+            depth=q.depth,
+            followups=[],
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly copy of every field."""
@@ -146,6 +179,8 @@ class Task(ABC):
     """The haystack used for ``haystack="<default>"``; ``None`` for tasks that build their own filler."""
     uses_depth: ClassVar[bool] = True
     """Whether ``depth`` means anything (needle tasks); others ignore it and report ``depth=None``."""
+    questions_per_sample: ClassVar[int] = 1
+    """Questions asked about one context; above 1 the bench compresses once and asks each (``Sample.followups``)."""
 
     def generate(
         self,
@@ -227,6 +262,7 @@ class Task(ABC):
         index: int,
         meta: dict[str, Any],
         max_new_tokens: int | None = None,
+        followups: list[Question] | None = None,
     ) -> Sample:
         if abs(n_tokens - length) > max(1, LENGTH_TOLERANCE * length):
             raise TaskError(
@@ -246,6 +282,7 @@ class Task(ABC):
             seed=seed,
             index=index,
             meta=meta,
+            followups=list(followups or []),
         )
 
 
@@ -263,6 +300,8 @@ class Needles:
     expected: dict[str, int]
     """Every string whose count in the context is fixed (answers first), with that count."""
     meta: dict[str, Any] = field(default_factory=dict)
+    followups: list[Question] = field(default_factory=list)
+    """Further questions (multi-question tasks); their answers must be in ``expected`` too."""
 
 
 def place_needles(body: str, needles: Sequence[tuple[str, float]]) -> tuple[str, list[int]]:
@@ -350,15 +389,21 @@ class HaystackTask(Task):
             index=index,
             meta=meta,
             max_new_tokens=self.tokens_to_generate(tokenizer, spec.answers),
+            followups=spec.followups,
         )
 
 
 def _verify(context: str, spec: Needles) -> bool:
-    """Counts as intended, and no answer given away by the question or the answer prefix."""
+    """Counts as intended, and no answer given away by a question or an answer prefix."""
     if any(count_occurrences(context, s) != c for s, c in spec.expected.items()):
         return False
-    given = (spec.question + " " + spec.answer_prefix).lower()
-    return not any(a.lower() in given for a in spec.answers)
+    asked = [(spec.question, spec.answer_prefix, spec.answers)]
+    asked += [(q.question, q.answer_prefix, q.answers) for q in spec.followups]
+    for question, prefix, answers in asked:
+        given = (question + " " + prefix).lower()
+        if any(a.lower() in given for a in answers):
+            return False
+    return True
 
 
 def draw_fresh(

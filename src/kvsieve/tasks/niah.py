@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 from typing import Any, ClassVar, Literal
 
-from kvsieve.tasks.base import HaystackTask, Needles, count_tokens, draw_fresh, seeded_uuid
+from kvsieve.tasks.base import HaystackTask, Needles, Question, count_tokens, draw_fresh, seeded_uuid
 from kvsieve.tasks.haystack import HaystackIndex
 from kvsieve.tasks.words import ADJECTIVES, NOUNS
 
-__all__ = ["NIAHTask", "PasskeyTask"]
+__all__ = ["MultiPasskeyTask", "NIAHTask", "PasskeyTask"]
 
 ValueType = Literal["number", "word", "uuid"]
 
@@ -137,4 +137,59 @@ class NIAHTask(HaystackTask):
             answer_prefix=answer_prefix,
             expected=expected,
             meta={"keys": keys, "values": values, "queried_keys": asked},
+        )
+
+
+class MultiPasskeyTask(HaystackTask):
+    """Several pass keys, one per labelled door, in the passkey noise; each asked in its own question.
+
+    The needles sit at evenly spread depths (``100 * (k + 0.5) / num_keys``: 12.5, 37.5, 62.5, 87.5 for four) and are
+    asked in reading order, one question per key (``Sample.followups``), so the bench compresses the context once and
+    answers every question from that one cache (independently, or as turns of one conversation).
+    """
+
+    name = "multi_passkey"
+    description = "Multi-question pass keys: four doors' 5-digit keys hidden in noise, each asked in turn."
+    max_new_tokens = 16
+    default_haystack = "noise"
+    uses_depth = False
+    questions_per_sample = 4
+    labels: ClassVar[tuple[str, ...]] = ("red", "black", "white", "orange", "purple", "silver", "golden", "brown")
+    prefix: ClassVar[str] = (
+        "There are several important pass keys hidden inside a lot of irrelevant text, one for each door. "
+        "Find them and memorize them. I will quiz you about them. "
+    )
+
+    def draw(self, rng: random.Random, depth: float | None, index: HaystackIndex) -> Needles:
+        n = self.questions_per_sample
+        labels = rng.sample(self.labels, n)
+        taken: set[str] = set()
+        keys = [
+            draw_fresh(rng, lambda r: str(r.randint(10000, 99999)), index, taken, avoid=self.prefix) for _ in labels
+        ]
+        depths = [100.0 * (k + 0.5) / n for k in range(n)]
+        needles = [
+            (f"The pass key of the {label} door is {key}. Remember it. {key} is the pass key of the {label} door.", d)
+            for label, key, d in zip(labels, keys, depths, strict=True)
+        ]
+        questions = [
+            Question(
+                question=f"What is the pass key of the {label} door? Answer with the number only.",
+                answers=[key],
+                answer_prefix=f"The pass key of the {label} door is",
+                max_new_tokens=self.max_new_tokens,
+                depth=d,
+            )
+            for label, key, d in zip(labels, keys, depths, strict=True)
+        ]
+        first = questions[0]
+        return Needles(
+            prefix=self.prefix,
+            needles=needles,
+            question=first.question,
+            answers=first.answers,
+            answer_prefix=first.answer_prefix,
+            expected={key: 2 for key in keys},
+            meta={"labels": labels, "keys": keys, "question_depths": depths},
+            followups=questions[1:],
         )

@@ -7,9 +7,10 @@ Building blocks:
 - :func:`quantize`: asymmetric min-max quantisation over one dimension. Scale and zero point are stored in fp16
   (fp32 where a value is beyond fp16's range), rounded outward so that every input lies inside the quantisation grid:
   the error of each element is at most half a step, ``scale / 2``.
-- :class:`PackedSegment`: a :class:`~kvsieve.cache.Segment` whose keys and values are held in another form. Token
-  bookkeeping (positions, padding flags, method state, RoPE positions) lives in a shadow ``Segment`` with zero-width
-  keys, so ``append``/``gather``/``split_heads`` keep the core's exact semantics for it; subclasses store the tensors.
+- :class:`PackedSegment`: a :class:`~kvsieve.storage.Segment` whose keys and values are held in another form. Token
+  bookkeeping (positions, padding flags, method state, re-rotation shifts) lives in a shadow ``Segment`` with
+  zero-width keys, so ``append``/``gather``/``split_heads`` keep the core's exact semantics for it; subclasses store
+  the tensors. Packed storage keeps tokens in slot order: its ``keep`` is the order-preserving ``gather``.
 - :class:`KiviSegment`: KIVI's layout. Keys are quantised per channel in groups of ``group`` tokens, values per token;
   the most recent ``residual`` (to ``residual + group - 1``) tokens stay in full precision.
 - :class:`MixedSegment`: ZipCache's layout. Every token of every head is in one of three classes, full precision,
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import Segment
+from .segment import Segment
 
 PARAM_DTYPE = torch.float16
 FP16_MAX = 60000.0  # beyond this a scale or zero point is kept in fp32
@@ -105,67 +106,71 @@ class PackedSegment(Segment):
     """A segment whose keys and values are stored in another form (quantised, shared across layers).
 
     ``meta`` is a plain :class:`Segment` holding the token bookkeeping with zero-width keys and values; positions,
-    padding flags, per-token method state and RoPE positions are read and written through it, so the core's
+    padding flags, per-token method state and re-rotation shifts are read through it, so the core's
     ``append``/``gather``/``split_heads`` semantics apply to them unchanged. Reading ``keys``/``values`` returns the
-    dense tensors :meth:`read` reconstructs; assigning them (as the core does after a merge) replaces the storage with
-    those dense tensors in full precision, to be packed again after the pass.
+    dense tensors :meth:`read` reconstructs; :meth:`write` (merging) replaces the storage with dense tensors in full
+    precision, to be packed again after the pass.
     """
 
     def __init__(self, meta: Segment, dtype: torch.dtype):
-        self.__dict__["meta"] = meta
-        self.__dict__["dtype"] = dtype
+        self.meta = meta
+        self.dtype = dtype
 
     # bookkeeping lives in the shadow segment
     head_start = property(lambda self: self.meta.head_start, lambda self, v: setattr(self.meta, "head_start", v))
-    positions = property(lambda self: self.meta.positions, lambda self, v: setattr(self.meta, "positions", v))
-    valid = property(lambda self: self.meta.valid, lambda self, v: setattr(self.meta, "valid", v))
+    positions = property(lambda self: self.meta.positions)
+    valid = property(lambda self: self.meta.valid)
+    shift = property(lambda self: self.meta.shift)
     state = property(lambda self: self.meta.state, lambda self, v: setattr(self.meta, "state", v))
-    rope_positions = property(
-        lambda self: getattr(self.meta, "rope_positions", None),
-        lambda self, v: setattr(self.meta, "rope_positions", v),
-    )
-
-    @property
-    def n_heads(self) -> int:
-        return self.meta.positions.shape[1]
-
-    @property
-    def length(self) -> int:
-        return self.meta.positions.shape[2]
+    length = property(lambda self: self.meta.length)
+    n_heads = property(lambda self: self.meta.n_heads)
+    capacity = property(lambda self: self.meta.length)
 
     @property
     def keys(self) -> torch.Tensor:
         return self.read()[0]
 
-    @keys.setter
-    def keys(self, value: torch.Tensor) -> None:
-        self._assign_dense(value, self.read()[1])
-
     @property
     def values(self) -> torch.Tensor:
         return self.read()[1]
 
-    @values.setter
-    def values(self, value: torch.Tensor) -> None:
-        self._assign_dense(self.read()[0], value)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(heads={self.n_heads}, tokens={self.length}, nbytes={self.nbytes()})"
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions, valid, shift=None) -> None:
         """Append new tokens ``(B, h, q, D)`` in full precision; bookkeeping arguments as ``Segment.append``."""
-        self.meta.append(keys[..., :0], values[..., :0], *args, **kwargs)
+        self.meta.append(keys[..., :0], values[..., :0], positions, valid, shift=shift)
         self._append(keys, values)
 
+    def keep(self, index: torch.Tensor) -> None:
+        self.gather(index)
+
     def gather(self, index: torch.Tensor) -> None:
-        """Keep the tokens at ``index`` ``(B, h, k)``, in order."""
+        """Keep the tokens at ``index`` ``(B, h, k)``, in slot order."""
         index = index.sort(dim=-1).values
         self._gather(index)
         self.meta.gather(index)
 
+    def truncate(self, length: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot roll back appended tokens")
+
+    def write(self, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, head: int | None = None) -> None:
+        """Overwrite the tokens at ``index``: the storage becomes dense until it is packed again."""
+        k, v = (t.clone() for t in self.read())
+        kk, vv = (k, v) if head is None else (k[:, head : head + 1], v[:, head : head + 1])
+        kk.scatter_(2, index[..., None].expand(*index.shape, k.shape[-1]), keys.to(k.dtype))
+        vv.scatter_(2, index[..., None].expand(*index.shape, v.shape[-1]), values.to(v.dtype))
+        self._assign_dense(k, v)
+
     def split_heads(self) -> list[Segment]:
         metas = self.meta.split_heads()
         return [self._head(h, meta) for h, meta in enumerate(metas)]
+
+    def clone(self) -> Segment:
+        raise NotImplementedError(f"{type(self).__name__} cannot be cloned")
+
+    def reserved_nbytes(self) -> int:
+        return self.nbytes()
 
     def aux_nbytes(self) -> int:
         return self.meta.aux_nbytes()
@@ -185,19 +190,10 @@ class PackedSegment(Segment):
 
 
 def shadow(seg: Segment) -> Segment:
-    """The bookkeeping of a plain segment as a shadow segment with zero-width keys and values (shares tensors)."""
-    meta = Segment(
-        seg.head_start,
-        seg.keys[..., :0],
-        seg.values[..., :0],
-        seg.positions,
-        seg.valid,
-        seg.state,
+    """The bookkeeping of a plain segment as a shadow segment with zero-width keys and values."""
+    return Segment(
+        seg.head_start, seg.keys[..., :0], seg.values[..., :0], seg.positions, seg.valid, dict(seg.state), seg.shift
     )
-    rp = getattr(seg, "rope_positions", None)
-    if rp is not None:
-        meta.rope_positions = rp
-    return meta
 
 
 def _group_of_token(sizes: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -227,7 +223,7 @@ class KiviSegment(PackedSegment):
         self.kn = torch.zeros(b, h, 0, dtype=torch.int32, device=dev)
         self.vs = torch.zeros(b, h, 0, 1, dtype=PARAM_DTYPE, device=dev)
         self.vz = self.vs.clone()
-        self.rk, self.rv = seg.keys, seg.values
+        self.rk, self.rv = seg.keys.clone(), seg.values.clone()  # own copies, without the spare room
 
     @property
     def n_quantized(self) -> int:
