@@ -293,11 +293,13 @@ def test_minicache_on_a_model_shares_layer_pairs_and_counts_them_once(llama):
 
 
 def test_minicache_merges_only_layers_holding_the_same_tokens(llama):
-    with Sieve("minicache(start=0, gamma=1.0):streaming_llm(rerotate=False)", budget=12).attach(llama) as cache:
+    with Sieve("minicache(start=0, gamma=1.0):streaming_llm(rerotate=False)", budget=12, interval=1).attach(
+        llama
+    ) as cache:
         run(llama, cache, prompt_ids(30), steps=2)
     first, second = (layer.segments[0] for layer in cache.sieve_layers())
     assert first.pair is not None and first.pair is second.pair
-    with Sieve("minicache(start=0):knorm", budget=12).attach(llama) as cache:
+    with Sieve("minicache(start=0):knorm", budget=12, interval=1).attach(llama) as cache:
         run(llama, cache, prompt_ids(30), steps=2)
     assert all(layer.segments[0].pair is None for layer in cache.sieve_layers())  # knorm keeps different tokens
 
@@ -326,7 +328,7 @@ def test_keyformer_with_zero_noise_keeps_its_deterministic_scores_top_k(llama):
     ids = prompt_ids(40)
     kept = []
     for spec in ("keyformer(noise=0.0, tau_delta=0.0, recent=0.3)", "h2o(recent=0.3)"):
-        with Sieve(spec, budget=16).attach(llama) as cache:
+        with Sieve(spec, budget=16, interval=1).attach(llama) as cache:
             run(llama, cache, ids, steps=3)
         kept.append([layer.segments[0].positions for layer in cache.sieve_layers()])
     assert all(torch.equal(a, b) for a, b in zip(*kept, strict=True))
@@ -370,9 +372,9 @@ def test_ems_merges_redundant_tokens_and_sends_the_rest_to_the_zero_class():
 
 
 def test_ems_changes_kept_values_on_a_model_and_keeps_the_budget(llama):
-    with Sieve("ems(window=4, threshold=-1.0)", budget=12).attach(llama) as merged, torch.no_grad():
+    with Sieve("ems(window=4, threshold=-1.0)", budget=12, interval=1).attach(llama) as merged, torch.no_grad():
         llama(prompt_ids(40), past_key_values=merged)
-    with Sieve("ems(window=4, merge_ratio=0.0)", budget=12).attach(llama) as evicted, torch.no_grad():
+    with Sieve("ems(window=4, merge_ratio=0.0)", budget=12, interval=1).attach(llama) as evicted, torch.no_grad():
         llama(prompt_ids(40), past_key_values=evicted)
     for a, b in zip(merged.sieve_layers(), evicted.sieve_layers(), strict=True):
         assert a.tokens_per_head() == [12, 12]
@@ -384,7 +386,7 @@ def test_adakv_keeps_the_wrapped_methods_merging(llama):
     """adakv reallocates budgets across heads; the inner method's merge still runs, per head."""
     caches = {}
     for spec in ("adakv:ems(window=4, threshold=-1.0)", "adakv:ems(window=4, merge_ratio=0.0)"):
-        with Sieve(spec, budget=12).attach(llama) as caches[spec], torch.no_grad():
+        with Sieve(spec, budget=12, interval=1).attach(llama) as caches[spec], torch.no_grad():
             llama(prompt_ids(40), past_key_values=caches[spec])
     merged, evicted = caches.values()
     for a, b in zip(merged.sieve_layers(), evicted.sieve_layers(), strict=True):
@@ -434,7 +436,7 @@ def test_pyramid_budgets_decrease_with_depth_and_sum_to_the_model_budget(budget)
 
 def test_pyramidkv_gives_each_layer_its_pyramid_budget():
     model = make_model("gemma3")  # 4 layers: budgets for layers 1 and 3 (the full-attention ones)
-    with Sieve("pyramidkv(beta=4):snapkv(window=4)", budget=10).attach(model) as cache:
+    with Sieve("pyramidkv(beta=4):snapkv(window=4)", budget=10, interval=1).attach(model) as cache:
         run(model, cache, prompt_ids(40), steps=2)
     budgets = pyramid_budgets(10, 4, beta=4)
     assert [cache.kv_tokens()[i] for i in (1, 3)] == [budgets[1], budgets[3]]
@@ -442,7 +444,7 @@ def test_pyramidkv_gives_each_layer_its_pyramid_budget():
 
 @pytest.mark.parametrize("inner", ["keyformer", "ems", "compresskv", "pyramidkv:snapkv(window=4)"])
 def test_per_head_budgets_of_a_layer_sum_to_the_layers_budget(llama, inner):
-    with Sieve(f"adakv:{inner}", budget=10).attach(llama) as cache:
+    with Sieve(f"adakv:{inner}", budget=10, interval=1).attach(llama) as cache:
         run(llama, cache, prompt_ids(40), steps=3)
     method = build(f"adakv:{inner}")
     for idx, layer in enumerate(cache.sieve_layers()):
@@ -474,7 +476,9 @@ def test_compresskv_calibration_sets_heads_and_layer_budgets(llama):
     assert abs(sum(method.layer_weights) - 1.0) < 1e-9
     rebuilt = build(method.spec())  # calibrated parameters travel in the spec string
     assert rebuilt.heads == method.heads and rebuilt.layer_weights == method.layer_weights
-    with Sieve(method.spec().replace("compresskv(", "compresskv(min_tokens=4, "), budget=24).attach(llama) as cache:
+    with Sieve(method.spec().replace("compresskv(", "compresskv(min_tokens=4, "), budget=24, interval=1).attach(
+        llama
+    ) as cache:
         run(llama, cache, prompt_ids(60), steps=2)
     expected = error_aware_budgets(method.layer_weights, 24, 4, 72)
     assert cache.kv_tokens() == expected and sum(expected) == 48

@@ -74,7 +74,7 @@ def test_token_budget_holds_at_every_step(arch_model, method):
     ids = prompt_ids(40)
     if method == "streaming_llm" and arch_model.config.model_type == "gemma3_text":
         method = "streaming_llm(rerotate=False)"  # re-rotation needs all-global layers (tested in test_errors)
-    with Sieve(method, budget=budget).attach(arch_model) as cache, torch.no_grad():
+    with Sieve(method, budget=budget, interval=1).attach(arch_model) as cache, torch.no_grad():
         arch_model(ids[:, :20], past_key_values=cache)
         assert all(layer.length == budget for layer in cache.sieve_layers())
         for _ in range(6):
@@ -137,7 +137,7 @@ def test_kv_bytes_are_real(llama):
 
 def test_headwise_budget_frees_memory_per_head(llama):
     budget, ids = 10, prompt_ids(64)
-    with Sieve("adakv:snapkv", budget=budget).attach(llama) as cache, torch.no_grad():
+    with Sieve("adakv:snapkv", budget=budget, interval=1).attach(llama) as cache, torch.no_grad():
         logits = llama(ids, past_key_values=cache).logits
         llama(logits[:, -1:].argmax(-1), past_key_values=cache)
     heads = llama.config.num_key_value_heads
@@ -297,7 +297,7 @@ def test_batch_with_left_padding_evicts_padding_first(llama):
     ids = prompt_ids(24, batch=2)
     mask = torch.ones_like(ids)
     ids[1, :7], mask[1, :7] = 0, 0
-    with Sieve("knorm", budget=16).attach(llama) as cache:
+    with Sieve("knorm", budget=16, interval=1).attach(llama) as cache:
         out = llama.generate(
             ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache
         )
@@ -352,3 +352,43 @@ def test_merge_runs_per_head_when_a_headwise_policy_splits_the_layer(llama):
     for layer in cache.sieve_layers():
         assert len(layer.segments) == 2
         assert all(bool((seg.keys == 1.0).all()) for seg in layer.segments)  # the merged keys were written
+
+
+def test_checkpoint_restore_returns_to_the_compressed_context(llama):
+    """Several questions over one compressed context: each starts from exactly the same cache."""
+    ids, q1, q2 = prompt_ids(40), prompt_ids(5, seed=7), prompt_ids(4, seed=8)
+    with Sieve("h2o", compression=0.5).attach(llama) as cache, torch.no_grad():
+        llama(ids, past_key_values=cache)
+        mark = cache.checkpoint()
+        before = [(s.keys.clone(), s.positions.clone(), {k: v.clone() for k, v in s.state.items()})
+                  for layer in cache.sieve_layers() for s in layer.segments]  # fmt: skip
+        with cache.paused():
+            first = llama(q2, past_key_values=cache).logits
+            llama(q1, past_key_values=cache)  # another question, then its answer...
+        cache.restore(mark)
+        after = [(s.keys, s.positions, s.state) for layer in cache.sieve_layers() for s in layer.segments]
+        for (k0, p0, s0), (k1, p1, s1) in zip(before, after, strict=True):
+            assert torch.equal(k0, k1) and torch.equal(p0, p1) and all(torch.equal(s0[n], s1[n]) for n in s0)
+        with cache.paused():
+            again = llama(q2, past_key_values=cache).logits
+    assert torch.equal(first, again)
+    with Sieve("h2o", budget=16, interval=1).attach(llama) as cache, torch.no_grad():
+        llama(ids, past_key_values=cache)
+        mark = cache.checkpoint()
+        llama(q1[:, :1], past_key_values=cache)  # evicts: the checkpoint no longer holds
+        with pytest.raises(kvsieve.KVSieveError, match="evicted tokens after the checkpoint"):
+            cache.restore(mark)
+
+
+def test_a_cache_continues_in_a_later_block_of_its_sieve(llama):
+    sieve = Sieve("snapkv", compression=0.5)
+    ids = prompt_ids(30)
+    with sieve.attach(llama) as cache, torch.no_grad():
+        llama(ids[:, :20], past_key_values=cache)
+    with sieve.attach(llama, cache=cache) as again, torch.no_grad():
+        assert again is cache
+        llama(ids[:, 20:], past_key_values=again)
+    assert cache.kv_tokens() == [15, 15]  # int(30 x 0.5) after the second prefill pass
+    with sieve.attach(llama) as busy, pytest.raises(kvsieve.KVSieveError, match="in use"):
+        with sieve.attach(llama, cache=busy):
+            pass

@@ -259,7 +259,7 @@ def run_prompt(model, sieve, ids, steps=3):
 def test_head_methods_keep_every_token_of_retrieval_heads_only(llama, tiny_profile_path, name):
     method = build(f"{name}(ratio=0.25, profile={tiny_profile_path!r})")
     ids = prompt_ids(40, seed=5)
-    cache, _ = run_prompt(llama, Sieve(method, budget=12), ids, steps=3)
+    cache, _ = run_prompt(llama, Sieve(method, budget=12, interval=1), ids, steps=3)
     per_head = cache.kv_tokens()
     assert per_head[0] == [12, 43], per_head  # layer 0: streaming KV head 0 capped, retrieval KV head 1 full
     assert per_head[1] == 12  # layer 1: both KV heads stream
@@ -271,13 +271,13 @@ def test_head_methods_keep_every_token_of_retrieval_heads_only(llama, tiny_profi
 def test_head_methods_at_full_budget_equal_full_attention(llama, tiny_profile_path, name):
     ids = prompt_ids(30, seed=2)
     _, ref = run_prompt(llama, Sieve("full"), ids)
-    _, got = run_prompt(llama, Sieve(build(f"{name}(profile={tiny_profile_path!r})"), budget=64), ids)
+    _, got = run_prompt(llama, Sieve(build(f"{name}(profile={tiny_profile_path!r})"), budget=64, interval=1), ids)
     assert torch.equal(got, ref)
 
 
 def test_duoattention_streaming_heads_keep_sinks_and_recent(llama, tiny_profile_path):
     method = build(f"duoattention(ratio=0.25, n_sink=2, profile={tiny_profile_path!r})")
-    cache, _ = run_prompt(llama, Sieve(method, budget=10), prompt_ids(30, seed=1), steps=0)
+    cache, _ = run_prompt(llama, Sieve(method, budget=10, interval=1), prompt_ids(30, seed=1), steps=0)
     layer = cache.layers[1]
     assert layer.segments[0].positions[0, 0].tolist() == [0, 1, *range(22, 30)]
 
@@ -285,12 +285,12 @@ def test_duoattention_streaming_heads_keep_sinks_and_recent(llama, tiny_profile_
 def test_head_methods_reject_a_profile_for_another_model(llama):
     method = build("duoattention")  # the shipped profile is for smollm2-135m (30 layers x 3 KV heads)
     with pytest.raises(ProfileError, match="kvsieve diagnose"):
-        run_prompt(llama, Sieve(method, budget=8), prompt_ids(20), steps=0)
+        run_prompt(llama, Sieve(method, budget=8, interval=1), prompt_ids(20), steps=0)
 
 
 def test_head_methods_reject_too_small_budgets(tiny_profile_path):
     with pytest.raises(BudgetError, match="sink"):
-        Sieve(build(f"razorattention(n_sink=4, profile={tiny_profile_path!r})"), budget=5)
+        Sieve(build(f"razorattention(n_sink=4, profile={tiny_profile_path!r})"), budget=5, interval=1)
     with pytest.raises(KVSieveError, match="ratio"):
         build("duoattention(ratio=1.5)")
 
@@ -323,7 +323,7 @@ def test_razorattention_running_mean_over_evictions(llama, tiny_profile_path):
     values_seen = {}
     v_proj = llama.model.layers[1].self_attn.v_proj
     handle = v_proj.register_forward_hook(lambda m, a, o: values_seen.setdefault("v", []).append(o.detach()))
-    cache, _ = run_prompt(llama, Sieve(method, budget=8), prompt_ids(20, seed=9), steps=4)
+    cache, _ = run_prompt(llama, Sieve(method, budget=8, interval=1), prompt_ids(20, seed=9), steps=4)
     handle.remove()
     v_all = torch.cat(values_seen["v"], dim=1).view(1, -1, 2, 16).transpose(1, 2)  # (1, KV heads, 24, 16)
     seg = cache.layers[1].segments[0]
@@ -339,7 +339,7 @@ def test_razorattention_compensation_in_a_mixed_layer_at_the_first_eviction(llam
     values_seen = []
     v_proj = llama.model.layers[0].self_attn.v_proj
     handle = v_proj.register_forward_hook(lambda m, a, o: values_seen.append(o.detach()))
-    cache, _ = run_prompt(llama, Sieve(method, budget=8), prompt_ids(20, seed=9), steps=3)
+    cache, _ = run_prompt(llama, Sieve(method, budget=8, interval=1), prompt_ids(20, seed=9), steps=3)
     handle.remove()
     v_all = torch.cat(values_seen, dim=1).view(1, -1, 2, 16).transpose(1, 2)
     streaming = cache.layers[0].segments[0]  # layer 0: KV head 0 streams, KV head 1 is a retrieval head
@@ -360,8 +360,8 @@ def test_calibration_with_neutral_parameters_changes_nothing(arch_model, spec):
 
 def test_calibration_wrapping_an_evicting_method_with_neutral_parameters_equals_the_method(llama):
     ids = prompt_ids(40, seed=6)
-    _, ref = run_prompt(llama, Sieve("snapkv(window=4)", budget=16), ids)
-    _, got = run_prompt(llama, Sieve("zerotuning(gamma=1.0):snapkv(window=4)", budget=16), ids)
+    _, ref = run_prompt(llama, Sieve("snapkv(window=4)", budget=16, interval=1), ids)
+    _, got = run_prompt(llama, Sieve("zerotuning(gamma=1.0):snapkv(window=4)", budget=16, interval=1), ids)
     assert torch.equal(got, ref)
     with pytest.raises(BudgetError):
         Sieve("zerotuning(gamma=0.5):snapkv")  # an evicting inner method needs a budget

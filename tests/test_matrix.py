@@ -114,7 +114,7 @@ def budget_args(spec: str, profile: str, **evict) -> dict:
         return {}
     if method.kind == "read":
         return {"budget": 8}
-    return evict
+    return {**evict, "interval": 1} if "budget" in evict else evict  # every decoding step evicts
 
 
 def expected_per_layer(method, budget: int, idx: int, seen: int, n_new: int) -> int:
@@ -172,7 +172,7 @@ def test_a_token_budget_holds_after_every_pass(model, profile_path, spec):
         seen.append(cache.sieve_layers()[0].seen)
         _check_holds(method, cache, budget, seen[-1], 40 if len(seen) == 1 else 1)
 
-    with Sieve(method, budget=budget).attach(model) as cache:
+    with Sieve(method, budget=budget, interval=1).attach(model) as cache:
         run(model, cache, ids, steps=5, watch=watch)
     assert len(seen) == 6
 

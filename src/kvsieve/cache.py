@@ -10,11 +10,13 @@ the layer's pipeline (:mod:`kvsieve.pipeline`). Storage is a list of :class:`~kv
 
 Positions. Keys are stored as the model rotated them, at their stream positions (``get_seq_length()`` is the number
 of tokens seen). A layer that *re-indexes positions within the cache* (StreamingLLM; ``rerotate=True``) gives each
-token a ``shift``: the number of evicted tokens that came after it. Attention then reads a token's key rotated by its
-shift. Why that is exact: the query sits at stream position ``s_q = p_q + E`` (``p_q`` its index within the cache,
-``E`` all tokens evicted), a key at ``s_k + shift_k = p_k + E``; RoPE depends only on the difference, which is
-``p_q - p_k``, the paper's in-cache distance. Keys whose shift is 0 (for StreamingLLM every key but the sinks) are
-read bit for bit as the model made them, and rotating from the stored key each time accumulates no error.
+token a ``shift``: the number of evicted tokens that came after it, and holds its key rotated by that shift. Why that
+is exact: the query sits at stream position ``s_q = p_q + E`` (``p_q`` its index within the cache, ``E`` all tokens
+evicted), a key at ``s_k + shift_k = p_k + E``; RoPE depends only on the difference, which is ``p_q - p_k``, the
+paper's in-cache distance. Shifts change only when tokens are evicted, and only for tokens older than an evicted one
+(for StreamingLLM: the sinks). At each eviction those rows are rotated again from their pristine keys, kept aside
+for exactly the rows whose shift is not 0 (``Segment.side``), so no error accumulates over a long stream, keys whose
+shift is 0 are bit for bit what the model made, and attention reads the buffers as they are.
 
 Sliding-window layers (Gemma 3) keep transformers' own ``DynamicSlidingWindowLayer``: they already hold at most a
 window of tokens, and methods compress only full-attention layers.
@@ -134,8 +136,10 @@ class SieveLayer(CacheLayerMixin):
             pos = pos.masked_fill(~valid.to(keys.device), -1)
         pos = pos[:, None, :].expand(b, h, q)
         val = None if valid is None else valid.to(keys.device)[:, None, :].expand(b, h, q)
-        real = torch.full((b,), q, dtype=torch.int64) if valid is None else valid.sum(dim=-1).to("cpu", torch.int64)
-        self._real_seen = real if self._real_seen is None else self._real_seen + real
+        if valid is not None or self._real_seen is not None:  # per-row counts only once padding appears
+            before = self._real_seen if self._real_seen is not None else torch.full((b,), self.seen - q)
+            real = torch.full((b,), q) if valid is None else valid.sum(dim=-1).to("cpu", torch.int64)
+            self._real_seen = before + real
         shift = torch.zeros(1, dtype=torch.int64, device=keys.device).expand(b, h, q) if self.rerotate else None
         if not self.segments:
             self.segments = [Segment(0, keys, values, pos, val, shift=shift)]
@@ -146,33 +150,43 @@ class SieveLayer(CacheLayerMixin):
         self.n_new = 0
 
     def real_seen(self) -> list[int]:
-        """Real (not padding) tokens this layer has seen, per batch row."""
+        """Real (not padding) tokens this layer has seen, per batch row (one number while no row had padding)."""
         return [self.seen] if self._real_seen is None else self._real_seen.tolist()
 
     @contextmanager
     def attention_view(self, seg: Segment) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values as attention must see them inside the block: keys with a shift rotated by it.
+        """Keys and values as attention must see them inside the block.
 
-        Plain segments are rotated in place and restored on exit (only the shifted rows are touched: the sinks, for
-        StreamingLLM); packed segments yield rotated copies.
+        Plain segments hold keys already rotated by their shifts (see the module docstring); packed segments
+        (quantised, merged) hold them unrotated and yield rotated copies.
         """
         keys, values = seg.read()
-        shift = seg.shift if self.rerotate else None
-        moved = None if shift is None else shift != 0
-        if moved is None or not bool(moved.any()):
-            yield keys, values
-            return
-        if isinstance(seg, PackedSegment):
+        if self.rerotate and isinstance(seg, PackedSegment) and bool((seg.shift != 0).any()):
             keys = keys.clone()
-            keys[moved] = rope.rotate(keys[moved], shift[moved], self.inv_freq)
-            yield keys, values
+            moved = seg.shift != 0
+            keys[moved] = rope.rotate(keys[moved], seg.shift[moved], self.inv_freq)
+        yield keys, values
+
+    def _unrotate(self, seg: Segment) -> None:
+        """Put the pristine keys of shifted rows back before rows move or shifts change."""
+        if self.rerotate and not isinstance(seg, PackedSegment) and seg.side is not None:
+            index, pristine = seg.side
+            seg.rows(index).index_copy_(0, seg.flat_rows(index), pristine)
+            seg.side = None
+
+    def _rotate(self, seg: Segment) -> None:
+        """Rotate every row whose shift is not 0 by its shift, from its pristine key (kept in ``seg.side``)."""
+        if not self.rerotate or isinstance(seg, PackedSegment):
             return
-        saved = keys[moved]
-        keys[moved] = rope.rotate(saved, shift[moved], self.inv_freq)
-        try:
-            yield keys, values
-        finally:
-            keys[moved] = saved
+        moved = seg.shift != 0
+        if not bool(moved.any()):
+            return
+        index = moved.nonzero()  # (N, 3): batch, head, slot
+        rows = seg.flat_rows(index)
+        flat = seg.rows(index)
+        pristine = flat.index_select(0, rows)
+        flat.index_copy_(0, rows, rope.rotate(pristine, seg.shift[moved], self.inv_freq))
+        seg.side = (index, pristine)
 
     def keep(self, indices: list[torch.Tensor], ordered: bool = False) -> None:
         """Keep the tokens at ``indices``: one ``(B, h_s, k)`` tensor per segment, or one ``(B, 1, k_h)`` per head.
@@ -189,11 +203,24 @@ class SieveLayer(CacheLayerMixin):
                 self.segments = self.segments[0].split_heads()
         for seg, idx in zip(self.segments, indices, strict=True):
             if self.rerotate:
+                self._unrotate(seg)
                 _add_shifts(seg, idx)
             if ordered:
                 seg.gather(idx)
             else:
                 seg.keep(idx)
+            self._rotate(seg)
+        self.evictions += 1
+
+    def drop_one(self, victim: torch.Tensor) -> None:
+        """Evict one token per (batch, head) of a single-segment layer: slots ``victim`` ``(B, h, 1)``."""
+        (seg,) = self.segments
+        if self.rerotate:
+            self._unrotate(seg)
+            gone = seg.positions.gather(2, victim)  # every token before the evicted one moves up by one
+            seg.shift.add_((seg.positions < gone).to(seg.shift.dtype))
+        seg.drop_one(victim)
+        self._rotate(seg)
         self.evictions += 1
 
     def tokens_per_head(self) -> list[int]:

@@ -23,16 +23,18 @@ import torch
 
 from . import attention as attn
 from .cache import SieveCache, SieveLayer
-from .methods.base import LayerContext, Method, Observation
+from .methods.base import LayerContext, Method, Observation, overrides
 
 
 @dataclass
 class Eviction:
     """What :func:`decide` chose: the slots to keep (one tensor per segment, or one per KV head of a single segment)
-    and the merged rows to write first: ``(segment, head or None, slots (B, h, k), keys, values)``."""
+    and the merged rows to write first: ``(segment, head or None, slots (B, h, k), keys, values)``; or, for the one
+    token a decoding step evicts under the default policy, just that slot per head (``victim`` ``(B, h, 1)``)."""
 
-    keep: list[torch.Tensor]
+    keep: list[torch.Tensor] | None
     merged: list[tuple] = field(default_factory=list)
+    victim: torch.Tensor | None = None
 
 
 def masked_scores(method: Method, obs: Observation) -> torch.Tensor:
@@ -48,6 +50,17 @@ def decide(method: Method, observations: list[Observation], targets: list[int], 
     keeps exactly what it would keep alone; shorter rows are filled up with padding slots to a common length.
     """
     first = observations[0]
+    if (
+        len(observations) == 1
+        and first.valid is None
+        and first.keys.shape[2] - targets[0] == 1
+        and not overrides(method, "select")
+        and not overrides(method, "merge")
+    ):  # one token goes under the default policy (a decoding step): find it in O(T), move one row per head
+        scores = masked_scores(method, replace(first, budget=targets[0]) if first.budget != targets[0] else first)
+        t = scores.shape[-1]
+        # the last slot among equal lowest scores goes: what the top-k (ties broken by slot) would drop
+        return Eviction(None, victim=(t - 1) - scores.flip(-1).argmin(dim=-1, keepdim=True))
     if first.keys.shape[0] > 1 and any(o.valid is not None for o in observations):
         n_seg = len(observations)
         rows = [
@@ -63,7 +76,8 @@ def decide(method: Method, observations: list[Observation], targets: list[int], 
             for j in range(len(rows[0]))
         ]  # fmt: skip
     else:
-        keep = _select(method, [replace(o, budget=targets[0]) for o in observations], targets[0], ctx)
+        observations = [o if o.budget == targets[0] else replace(o, budget=targets[0]) for o in observations]
+        keep = _select(method, observations, targets[0], ctx)
     return Eviction(keep, _merges(method, observations, keep))
 
 
@@ -105,6 +119,8 @@ def _stack_rows(rows: list[torch.Tensor], obs: Observation, heads: slice) -> tor
 def _merges(method: Method, observations: list[Observation], keep: list[torch.Tensor]) -> list[tuple]:
     """The merged rows of every kept slot set, computed before any slot moves."""
     out = []
+    if not overrides(method, "merge"):
+        return out
     if len(keep) != len(observations):  # a head-wise policy split the one segment: merge per head
         (obs,) = observations
         pieces = [(0, h, _head_view(obs, h), idx) for h, idx in enumerate(keep)]
@@ -132,6 +148,9 @@ def _head_view(obs: Observation, h: int) -> Observation:
 
 def apply(layer: SieveLayer, eviction: Eviction, ordered: bool) -> None:
     """Write the merged rows, then keep the chosen slots (``ordered``: in slot order, as after a prefill pass)."""
+    if eviction.victim is not None:
+        layer.drop_one(eviction.victim)
+        return
     for seg_index, head, slots, keys, values in eviction.merged:
         layer.segments[seg_index].write(slots, keys, values, head=head)
     layer.keep(eviction.keep, ordered=ordered)
@@ -139,6 +158,11 @@ def apply(layer: SieveLayer, eviction: Eviction, ordered: bool) -> None:
 
 def pack_layer(method: Method, layer: SieveLayer, ctx: LayerContext) -> None:
     layer.segments = [method.pack(seg, ctx) for seg in layer.segments]
+
+
+def _rotated(layer: SieveLayer, seg) -> tuple[torch.Tensor, torch.Tensor]:
+    with layer.attention_view(seg) as (keys, values):
+        return keys, values
 
 
 def layer_context(layer: SieveLayer, layer_idx: int, n_layers: int, n_new: int, cache: SieveCache) -> LayerContext:
@@ -171,11 +195,29 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
         out, _ = session.compute(call, None, q, False)
         session.sequence_step(cache, layer_idx, [(query, seg.keys, seg.positions, seg.valid)], scaling, q)
         return out
-    targets = session.keep_targets(layer, ctx, cache)
-    evicting = targets is not None
+    targets, evicting = session.keep_targets(layer, ctx, cache)
     request = method.attention_request(evicting)
+    # a decoding step of a layer at its token budget (evicting now, or between evictions of a periodic budget)
+    # computes the step's attention probabilities with the output: one pass over the keys, not two
+    steady = q == 1 and request is not None and dropout == 0.0 and targets is not None and (
+        evicting or layer.held - 1 >= min(targets))  # fmt: skip
     groups = query.shape[1] // layer.n_kv_heads
     read_budget = session.read_target(layer.held) if q == 1 else None
+    if not evicting and request is None and session.idle and (read_budget is None or read_budget >= layer.held):
+        # nothing to observe, bias, read selectively or evict in this pass: attention over each segment, that is all
+        outputs = []
+        for seg in layer.segments:
+            q_seg = query[:, seg.head_start * groups : (seg.head_start + seg.n_heads) * groups]
+            keys, values = seg.read() if not layer.rerotate else _rotated(layer, seg)
+            call = attn.AttentionCall(module, q_seg, keys, values, seg.valid, seg.positions, scaling, dropout,
+                                      layer_idx=layer_idx, n_layers=session.n_layers)  # fmt: skip
+            outputs.append(session.compute(call, None, q, False)[0])
+        if session.sequence is not None:
+            pieces = [(query[:, s.head_start * groups : (s.head_start + s.n_heads) * groups], s.keys, s.positions,
+                       s.valid) for s in layer.segments]  # fmt: skip
+            session.sequence_step(cache, layer_idx, pieces, scaling, q)
+        pack_layer(method, layer, ctx)
+        return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     outputs, observations = [], []
     eviction = None
     with ExitStack() as stack:
@@ -187,9 +229,7 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
             call = attn.AttentionCall(module, q_seg, keys, values, seg.valid, seg.positions, scaling, dropout,
                                       bias=method.logit_bias(obs) if session.biases else None, layer_idx=layer_idx,
                                       n_layers=session.n_layers)  # fmt: skip
-            # an evicting decoding step computes its attention probabilities with the output (one pass over the keys)
-            fused = evicting and q == 1 and request is not None and dropout == 0.0
-            out, probs = session.compute(call, obs, q, fused)
+            out, probs = session.compute(call, obs, q, steady)
             outputs.append(out)
             if request is not None:
                 obs.attention = (

@@ -40,6 +40,8 @@ from .rope import find_inv_freq
 # Architectures whose attention goes through AttentionInterface and that the test suite covers.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
+DEFAULT_INTERVAL = 16  # decoding steps between evictions of a token budget: held <= budget + 15, see Budget
+
 _ACTIVE: ContextVar[Session | None] = ContextVar("kvsieve_session", default=None)
 _failed_update = threading.local()  # the (cache, layer) of the attention call in progress, to clean up after errors
 _failed_update.value = None
@@ -62,9 +64,11 @@ class Budget:
     - ``compression``: the fraction of tokens removed, in [0, 1) (as kvpress): every prefill pass (more than one new
       token: the prompt, or each chunk of a chunked prefill) leaves ``int(seen x (1 - compression))`` tokens; decoding
       steps then append without evicting. Compress once, then generate.
-    - ``tokens``: a cap held after every forward pass (streaming); with ``interval=k`` decoding steps evict only
-      once the layer holds ``tokens + k`` tokens, back down to ``tokens``, so it holds at most ``tokens + k - 1``
-      (kvpress's ``DecodingPress``).
+    - ``tokens``: a cap for streaming. A prefill pass leaves ``tokens``; decoding steps evict every ``interval``
+      steps (default :data:`DEFAULT_INTERVAL`, 16), once the layer holds ``tokens + interval`` tokens, back down to
+      ``tokens``, so a layer holds at most ``tokens + interval - 1`` (kvpress's ``DecodingPress``). ``interval=1``
+      evicts at every step and holds exactly ``tokens``; it costs one scoring and one eviction per step and layer
+      (measured in ``benchmarks/decode_speed.py``).
 
     Read (selective-read methods): ``read`` tokens, or ``read_fraction`` of the held tokens (in (0, 1]), attended to
     per decoding step; neither reads every held token.
@@ -72,7 +76,7 @@ class Budget:
 
     compression: float | None = None
     tokens: int | None = None
-    interval: int = 1
+    interval: int | None = None  # decoding steps between evictions of a token budget; None: DEFAULT_INTERVAL
     read: int | None = None
     read_fraction: float | None = None
 
@@ -92,10 +96,16 @@ class Budget:
                 raise BudgetError(f"budget must be a whole number of tokens, got {self.tokens!r}")
             if self.tokens < 1:
                 raise BudgetError(f"budget must be at least 1 token, got {self.tokens}")
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise BudgetError(f"interval must be a whole number of decoding steps >= 1, got {self.interval!r}")
-        if self.interval != 1 and self.tokens is None:
-            raise BudgetError("interval applies to a token budget: give budget=N with interval=k")
+        if self.interval is not None:
+            if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+                raise BudgetError(f"interval must be a whole number of decoding steps >= 1, got {self.interval!r}")
+            if self.tokens is None:
+                raise BudgetError("interval applies to a token budget: give budget=N with interval=k")
+
+    @property
+    def every(self) -> int:
+        """Decoding steps from one eviction of a token budget to the next."""
+        return DEFAULT_INTERVAL if self.interval is None else self.interval
         if self.read is not None and (_number(self.read, "read budget") < 1 or int(self.read) != self.read):
             raise BudgetError(f"read budget must be a whole number of tokens >= 1, got {self.read!r}")
         if self.read_fraction is not None and not 0.0 < _number(self.read_fraction, "read fraction") <= 1.0:
@@ -116,9 +126,9 @@ class Budget:
     def due(self, held_per_head: float, target: int, n_new: int) -> bool:
         """Whether a layer holding ``held_per_head`` tokens per head (on average) evicts down to ``target`` now:
         always past its target, except decoding steps with an ``interval``, which wait for ``target + interval``."""
-        if n_new > 1 or self.interval == 1:
+        if n_new > 1 or self.every == 1:
             return held_per_head > target
-        return held_per_head >= target + self.interval
+        return held_per_head >= target + self.every
 
     def read_target(self, held: int) -> int | None:
         """Tokens a read method attends to per decoding step, out of ``held``."""
@@ -129,7 +139,7 @@ class Budget:
     def __str__(self) -> str:
         parts = []
         if self.tokens is not None:
-            parts.append(f"{self.tokens} tokens" + (f" every {self.interval} steps" if self.interval > 1 else ""))
+            parts.append(f"{self.tokens} tokens" + (f" (evicting every {self.every} steps)" if self.every > 1 else ""))
         if self.compression is not None:
             parts.append(f"compression {float(self.compression):g}")
         if self.read is not None:
@@ -201,7 +211,7 @@ class Sieve:
     def _budget(self, compression, budget, interval) -> Budget:
         m = self.method
         given = compression is not None or budget is not None
-        interval = 1 if interval is None else interval
+
         if m.kind == "keep-all":
             if budget is not None or (compression not in (None, 0, 0.0)):
                 raise BudgetError(
@@ -316,6 +326,10 @@ class Session:
         m = self.method
         self.biases = overrides(m, "logit_bias")
         self.batch_rule = batch_rule(m)
+        self.evicts = m.evicts and self.budget.keeps
+        # no hook runs in a pass that neither evicts nor reads selectively nor gathers statistics
+        self.idle = not any(overrides(m, hook) for hook in ("observe", "logit_bias"))
+        self.first_layer: int | None = None  # the first full-attention layer: where a pass's positions are checked
         self.reads = m.selects
         # keep-all and nothing to observe, bias, pack or read: attention over what is held, no per-layer work
         self.plain = m.kind == "keep-all" and not any(
@@ -340,20 +354,26 @@ class Session:
         return SieveCache(self.config, session=self, rerotate=self.method.rerotate, inv_freq=self.inv_freq)
 
     # --- budgets -------------------------------------------------------------------------------------------------
-    def keep_targets(self, layer: SieveLayer, ctx, cache: SieveCache) -> list[int] | None:
-        """Tokens per head each batch row keeps after this pass (None: no eviction in this pass)."""
-        if not self.method.evicts or not cache.compressing or not self.budget.keeps:
-            return None
+    def keep_targets(self, layer: SieveLayer, ctx, cache: SieveCache) -> tuple[list[int] | None, bool]:
+        """Tokens per head each batch row keeps after this pass, and whether it evicts now.
+
+        ``(None, False)`` where nothing is evicted in this pass (compression at a decoding step, keep-all methods,
+        ``cache.paused()``); ``(targets, False)`` at a decoding step between two evictions of a periodic budget.
+        """
+        if not self.evicts or not cache.compressing:
+            return None, False
         targets = []
         for seen in layer.real_seen():
             target = self.budget.keep_target(seen, ctx.n_new)
             if target is None:
-                return None
+                return None, False
             targets.append(self.method.layer_budget(target, ctx))
-        per_head = layer.tokens_per_head()
-        if not self.budget.due(sum(per_head) / len(per_head), min(targets), ctx.n_new):
-            return None
-        return targets
+        if len(layer.segments) == 1:
+            held = float(layer.segments[0].length)
+        else:
+            per_head = layer.tokens_per_head()
+            held = sum(per_head) / len(per_head)
+        return targets, self.budget.due(held, min(targets), ctx.n_new)
 
     def read_target(self, held: int) -> int | None:
         return self.budget.read_target(held) if self.reads else None
@@ -426,7 +446,10 @@ class Session:
             if position_ids is None:
                 start = layer.seen - q
                 position_ids = torch.arange(start, start + q, device=query.device)[None]
-            self._check_window(position_ids, layer, q)
+            if self.first_layer is None:
+                self.first_layer = layer_idx
+            if layer_idx == self.first_layer:  # every layer of a pass has the same positions: check them once
+                self._check_window(position_ids, layer, q)
             new_valid = None
             if attention_mask is not None and not bool(attention_mask[:, -q:].all()):
                 new_valid = attention_mask[:, -q:].bool()

@@ -145,6 +145,11 @@ class PackedSegment(Segment):
     def keep(self, index: torch.Tensor) -> None:
         self.gather(index)
 
+    def drop_one(self, victim: torch.Tensor) -> None:
+        """Evict the slot ``victim`` ``(B, h, 1)`` of every (batch, head), keeping slot order."""
+        slots = torch.arange(self.length - 1, device=victim.device).expand(*victim.shape[:2], -1)
+        self.gather(slots + (slots >= victim).to(slots.dtype))
+
     def gather(self, index: torch.Tensor) -> None:
         """Keep the tokens at ``index`` ``(B, h, k)``, in slot order."""
         index = index.sort(dim=-1).values

@@ -65,6 +65,8 @@ class Segment:
         self._pos = positions.new_empty((b, h, t))
         self._valid: torch.Tensor | None = None
         self._shift: torch.Tensor | None = None
+        # re-indexing layers: ((batch, head, slot) of each row held rotated by its shift, its pristine key)
+        self.side: tuple[torch.Tensor, torch.Tensor] | None = None
         self.state: dict[str, torch.Tensor] = {}
         self.append(keys, values, positions, valid, shift=shift)
         if state:
@@ -106,6 +108,15 @@ class Segment:
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense keys and values for attention. Storage subclasses (quantised, merged) reconstruct them here."""
         return self.keys, self.values
+
+    def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The key buffer as ``(B * h * capacity, D)`` rows (a view)."""
+        return self._k.view(-1, self._k.shape[-1])
+
+    def flat_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Row numbers in :meth:`rows` of ``(batch, head, slot)`` triples ``index`` ``(N, 3)``."""
+        h, cap = self._k.shape[1], self._k.shape[2]
+        return (index[:, 0] * h + index[:, 1]) * cap + index[:, 2]
 
     # --- growth -----------------------------------------------------------------------------------------------------
     def _resize(self, capacity: int) -> None:
@@ -169,13 +180,11 @@ class Segment:
     # --- eviction ---------------------------------------------------------------------------------------------------
     def keep(self, index: torch.Tensor) -> None:
         """Keep the tokens at ``index`` ``(B, h, k)`` (any order), moving as few rows as possible (see module doc)."""
-        k = index.shape[-1]
-        kept = torch.zeros(self.positions.shape, dtype=torch.bool, device=index.device).scatter_(2, index, True)
-        if self.length - k == 1:  # one token goes: the last slot, if kept, moves into its place
-            victim = (~kept).to(torch.int8).argmax(dim=-1, keepdim=True)  # (B, h, 1)
-            self._move(torch.full_like(victim, k), victim)  # a row that drops the last slot copies it onto itself
-            self._finish(k)
+        k, n = index.shape[-1], self.length
+        if n - k == 1:  # one token goes (a decoding step): the last slot, if kept, moves into its place
+            self.drop_one(n * (n - 1) // 2 - index.sum(dim=-1, keepdim=True))  # the one slot index does not list
             return
+        kept = torch.zeros(self.positions.shape, dtype=torch.bool, device=index.device).scatter_(2, index, True)
         movers = kept[..., k:]  # kept tokens beyond the new length ...
         holes = ~kept[..., :k]  # ... go to the freed slots before it; per row there are as many of each
         m = int(movers.sum(dim=-1).max()) if movers.numel() else 0
@@ -195,21 +204,20 @@ class Segment:
         self._move(index, torch.arange(k, device=index.device).expand_as(index))
         self._finish(k)
 
+    def drop_one(self, victim: torch.Tensor) -> None:
+        """Evict one token per (batch, head): the slots ``victim`` ``(B, h, 1)``; the last slot takes its place."""
+        self._move(torch.full_like(victim, self.length - 1), victim)
+        self._finish(self.length - 1)
+
     def _move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the rows at slots ``src`` to slots ``dst`` (both ``(B, h, m)``); all rows are read before writing."""
-
-        def moved(buf: torch.Tensor) -> None:
-            n = self.length
-            view = buf[:, :, :n]
-            extra = buf.shape[3:]
-            shape = (*src.shape, *extra)
-            s = src.view(*src.shape, *([1] * len(extra))).expand(shape)
-            d = dst.view(*dst.shape, *([1] * len(extra))).expand(shape)
-            view.scatter_(2, d, view.gather(2, s))
-
+        b, h, cap = self._pos.shape
+        base = torch.arange(b * h, device=src.device).view(b, h, 1) * cap  # first row of each (batch, head)
+        src_rows, dst_rows = (src + base).flatten(), (dst + base).flatten()
         for buf in (self._k, self._v, self._pos, self._valid, self._shift):
-            if buf is not None:
-                moved(buf)
+            if buf is not None:  # buffers are contiguous: rows of (batch, head, slot) are rows of a flat view
+                flat = buf.view(b * h * cap, -1)
+                flat.index_copy_(0, dst_rows, flat.index_select(0, src_rows))
         for name, tensor in self.state.items():
             t = tensor.clone()
             shape = (*src.shape, *t.shape[3:])
@@ -255,10 +263,12 @@ class Segment:
 
     def clone(self) -> Segment:
         """An independent copy holding the same tokens (tight capacity)."""
-        return Segment(
+        out = Segment(
             self.head_start, self.keys, self.values, self.positions, self.valid,
             {k: v.clone() for k, v in self.state.items()}, self.shift,
         )  # fmt: skip
+        out.side = None if self.side is None else (self.side[0].clone(), self.side[1].clone())
+        return out
 
     # --- bytes ------------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -272,6 +282,8 @@ class Segment:
     def aux_nbytes(self) -> int:
         """Bytes of the per-token bookkeeping held (positions, padding flags, shifts, method state)."""
         tensors = [self.positions, self.valid, self.shift, *self.state.values()]
+        if self.side is not None:
+            tensors += list(self.side)
         return sum(_nbytes(t) for t in tensors if t is not None)
 
     def __repr__(self) -> str:
