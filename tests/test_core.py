@@ -389,6 +389,9 @@ def test_a_cache_continues_in_a_later_block_of_its_sieve(llama):
         assert again is cache
         llama(ids[:, 20:], past_key_values=again)
     assert cache.kv_tokens() == [15, 15]  # int(30 x 0.5) after the second prefill pass
-    with sieve.attach(llama) as busy, pytest.raises(kvsieve.KVSieveError, match="in use"):
-        with sieve.attach(llama, cache=busy):
-            pass
+    with (
+        sieve.attach(llama) as busy,
+        pytest.raises(kvsieve.KVSieveError, match="in use"),
+        sieve.attach(llama, cache=busy),
+    ):
+        pass
