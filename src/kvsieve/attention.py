@@ -13,7 +13,7 @@ a real token (not left padding), or it is the query's own token (so a padding qu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,9 @@ class AttentionCall:
     bias: torch.Tensor | None = None
     layer_idx: int = 0
     n_layers: int = 1
+    # run state a compute method may keep (``layer_state``: this layer; ``shared``: this cache, e.g. its statistics)
+    layer_state: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
 
     @property
     def n_new(self) -> int:
@@ -176,41 +179,53 @@ def read_selected(call: AttentionCall, index: torch.Tensor) -> torch.Tensor:
 
 
 def gather_reads(index, keys, values, valid, bias):
-    """Rows ``index`` ``(B, h, k)`` of the held slots, plus the newest slot (``T - 1``), in slot order.
+    """Rows ``index`` ``(B, h, k)`` of the held slots (distinct slots, any order), plus the newest slot (``T - 1``).
 
-    Gathers with ``index_select`` on flattened rows (several times faster than ``gather`` on CPU).
+    The newest slot is added to the rows that do not list it; where only some rows list it, the others' copy is
+    masked out (so nothing is attended to twice). Gathers with ``index_select`` on rows of the storage, several times
+    faster than ``gather`` on CPU; one query attends to the rows whatever their order, so nothing is sorted.
     """
     b, h, t, _ = keys.shape
-    listed = (index == t - 1).any(dim=-1)
-    if not bool(listed.all()):  # rows that do not list the newest slot get it (the others then list it twice)
-        newest = torch.full((b, h, 1), t - 1, dtype=index.dtype, device=index.device)
-        index = torch.cat([index, newest], dim=-1)
-    index = index.sort(dim=-1).values
-    repeated = torch.zeros(index.shape, dtype=torch.bool, device=index.device)
-    repeated[..., 1:] = index[..., 1:] == index[..., :-1]
+    listed = (index == t - 1).any(dim=-1, keepdim=True)
+    repeated = None
+    if not bool(listed.all()):
+        index = torch.cat([index, torch.full((b, h, 1), t - 1, dtype=index.dtype, device=index.device)], dim=-1)
+        if bool(listed.any()):
+            repeated = torch.zeros(index.shape, dtype=torch.bool, device=index.device)
+            repeated[..., -1:] = listed
     valid, bias = gather_valid_and_bias(index, valid, bias)
-    if bool(repeated.any()):  # a slot listed twice is attended to once: its copies are masked out
+    if repeated is not None:
         valid = ~repeated if valid is None else valid & ~repeated
-    return _select_rows(keys, index), _select_rows(values, index), valid, bias
+    keys, values = _as_rows(keys), _as_rows(values)
+    rows = _rows_of(keys, index)
+    value_rows = rows if values.stride() == keys.stride() else _rows_of(values, index)
+    return _take(keys, index, rows), _take(values, index, value_rows), valid, bias
 
 
-def _select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, h, index[b, h, j]]`` for ``x`` ``(B, h, T, D)`` and ``index`` ``(B, h, k)``: ``(B, h, k, D)``.
-
-    Uses ``index_select`` on the rows of ``x``'s storage (no copy of ``x``, even when it is a view of a larger
-    buffer), which is several times faster than ``gather`` on CPU.
-    """
-    b, h, t, d = x.shape
-    k = index.shape[-1]
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, h, T, D)`` if its storage is rows of ``D`` contiguous elements (cache storage always is; it may be a
+    view of a larger buffer), else a contiguous copy."""
+    b, h, _, d = x.shape
     s0, s1, s2, s3 = x.stride()
     s0, s1 = (0 if b == 1 else s0), (0 if h == 1 else s1)  # strides of size-1 dimensions are arbitrary
-    if s3 != 1 or s2 != d or s0 % d or s1 % d:
-        x = x.contiguous()
-        s0, s1 = (0 if b == 1 else x.stride(0)), (0 if h == 1 else x.stride(1))
-    span = ((b - 1) * s0 + (h - 1) * s1) // d + t
-    rows = x.as_strided((span, d), (d, 1))
+    return x if s3 == 1 and s2 == d and s0 % d == 0 and s1 % d == 0 else x.contiguous()
+
+
+def _rows_of(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Row numbers of ``x[b, h, index[b, h, j]]`` in ``x``'s storage seen as rows of ``D`` elements (``x`` as from
+    :func:`_as_rows`), and how many rows that view spans."""
+    b, h, t, d = x.shape
+    s0, s1 = (0 if b == 1 else x.stride(0)), (0 if h == 1 else x.stride(1))
     base = torch.arange(b, device=index.device)[:, None] * (s0 // d) + torch.arange(h, device=index.device) * (s1 // d)
-    return rows.index_select(0, (index + base[..., None]).flatten()).view(b, h, k, d)
+    return (index + base[..., None]).flatten(), ((b - 1) * s0 + (h - 1) * s1) // d + t
+
+
+def _take(x: torch.Tensor, index: torch.Tensor, rows: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """``x[b, h, index[b, h, j]]`` ``(B, h, k, D)`` by ``index_select`` on rows of ``x``'s storage: no copy of ``x``
+    and several times faster than ``gather`` on CPU."""
+    b, h, _, d = x.shape
+    flat, span = rows
+    return x.as_strided((span, d), (d, 1)).index_select(0, flat).view(b, h, index.shape[-1], d)
 
 
 def gather_valid_and_bias(index, valid, bias):

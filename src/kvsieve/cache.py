@@ -366,6 +366,10 @@ class SieveCache(Cache):
         finally:
             self.compressing = before
 
+    def stats(self) -> dict:
+        """Numbers methods report about this cache's passes (e.g. a sparse prefill's attention density), by name."""
+        return dict(self.shared.get("stats", {}))
+
     def sieve_layers(self) -> list[SieveLayer]:
         return [layer for layer in self.layers if isinstance(layer, SieveLayer)]
 

@@ -191,7 +191,8 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
     if session.plain:  # keep-all with no hook to run: attention over what is held, nothing else
         (seg,) = layer.segments
         call = attn.AttentionCall(module, query, seg.keys, seg.values, seg.valid, seg.positions, scaling, dropout,
-                                  layer_idx=layer_idx, n_layers=session.n_layers)  # fmt: skip
+                                  layer_idx=layer_idx, n_layers=session.n_layers, layer_state=layer.layer_state,
+                                  shared=cache.shared)  # fmt: skip
         out, _ = session.compute(call, None, q, False)
         session.sequence_step(cache, layer_idx, [(query, seg.keys, seg.positions, seg.valid)], scaling, q)
         return out
@@ -210,7 +211,8 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
             q_seg = query[:, seg.head_start * groups : (seg.head_start + seg.n_heads) * groups]
             keys, values = seg.read() if not layer.rerotate else _rotated(layer, seg)
             call = attn.AttentionCall(module, q_seg, keys, values, seg.valid, seg.positions, scaling, dropout,
-                                      layer_idx=layer_idx, n_layers=session.n_layers)  # fmt: skip
+                                      layer_idx=layer_idx, n_layers=session.n_layers,
+                                      layer_state=layer.layer_state, shared=cache.shared)  # fmt: skip
             outputs.append(session.compute(call, None, q, False)[0])
         if session.sequence is not None:
             pieces = [(query[:, s.head_start * groups : (s.head_start + s.n_heads) * groups], s.keys, s.positions,
@@ -226,9 +228,11 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
             q_seg = query[:, seg.head_start * groups : (seg.head_start + seg.n_heads) * groups]
             budget = max(targets) if targets is not None else seg.length
             obs = observation(ctx, seg, keys, values, q_seg, scaling, budget, read_budget)
+            obs.module = module
             call = attn.AttentionCall(module, q_seg, keys, values, seg.valid, seg.positions, scaling, dropout,
                                       bias=method.logit_bias(obs) if session.biases else None, layer_idx=layer_idx,
-                                      n_layers=session.n_layers)  # fmt: skip
+                                      n_layers=session.n_layers, layer_state=layer.layer_state,
+                                      shared=cache.shared)  # fmt: skip
             out, probs = session.compute(call, obs, q, steady)
             outputs.append(out)
             if request is not None:

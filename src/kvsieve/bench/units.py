@@ -207,6 +207,7 @@ class UnitRunner:
                     prefill_seconds=prefill_seconds,
                     decode_seconds_per_token=decode_seconds,
                     shared_prefill=use_snapshot,
+                    stats=cache.stats(),  # what the methods reported, e.g. a sparse prefill's attention density
                     timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
                 )
                 yield row

@@ -86,6 +86,7 @@ class Observation:
     head_start: int = 0  # index of this segment's first KV head in the layer
     read_budget: int | None = None
     seen: int = 0  # tokens this layer has seen, the new ones included
+    module: torch.nn.Module | None = None  # the layer's attention module (its weights, e.g. o_proj), when live
 
     @property
     def group_size(self) -> int:
