@@ -1,23 +1,40 @@
-"""kvsieve vs kvpress 0.5.5, side by side, on the same samples, the same tokens and the same ratios.
+"""kvsieve vs kvpress 0.5.5, side by side: every training-free press kvsieve has, same samples, tokens and ratios.
 
-Usage: python benchmarks/vs_kvpress.py [--samples 2] [--ratios 0.25,0.5,0.75] [--tasks ...] [--venv .venv-kvpress]
+Usage: python benchmarks/vs_kvpress.py [--samples 2] [--ratios 0.25,0.5,0.75] [--tasks ...] [--modes agnostic,aware]
+[--pairs snapkv,think,...] [--venv .venv-kvpress]
 
 kvpress 0.5.5 requires transformers < 5.3, so it runs in its own virtual environment (made on first use, reused
 after; about 70 s): torch 2.13.0, transformers 5.2.0, kvpress 0.5.5 and its dependencies. Both sides load the same
-converted SmolLM2 weights (kvsieve's safetensors cache), prefill the same context token ids, append the same question
-ids and decode greedily the same number of tokens, in query-agnostic mode. The kvpress side follows its pipeline's
-own loop (``KVPressTextGenerationPipeline.generate_answer``: positions continue from the uncompressed context
-length). Prefill times are each side's own single-pass prefill of the context, in the same run.
+converted SmolLM2 weights (kvsieve's safetensors cache), prefill the same ids, append the same follow-up ids and decode
+greedily the same number of tokens. Two modes: ``agnostic`` compresses the context alone, then appends the question
+(kvpress's query-agnostic protocol); ``aware`` compresses the context and the question together (all but its last
+token), then appends that last token. The kvpress side follows its pipeline's own loop
+(``KVPressTextGenerationPipeline.generate_answer``: positions continue from the uncompressed length). Prefill times
+are each side's own single-pass prefill, in the same run (kvpress's side first, in its own process).
 
-Pairs: streaming_llm/StreamingLLMPress, snapkv/SnapKVPress, tova/TOVAPress, knorm/KnormPress, h2o/ObservedAttentionPress
-(kvpress needs eager attention for it, which is part of what is compared).
+Pairs (``PAIRS``: a kvsieve spec and the kvpress press, ``{r}`` the compression ratio): the scorers, their wrappers
+(``adakv``, ``critical_adakv``, ``criticalkv``, ``chunkkv``, ``entropy_chunkkv``, ``rerotate``, ``merging``,
+``per_layer`` with a ramp of per-layer ratios whose mean is ``r``, ``compose`` with an equal share per stage),
+``think`` (``r`` is the share of key channels pruned; no token is evicted; kvpress's ``kept`` is its memory share
+``1 - r/2``), ``simlayerkv`` (kvpress keeps ``n_initial + n_recent - n_last`` tokens in a lazy layer, so ``n_recent``
+is set to make that kvsieve's budget) and ``dms`` (a score threshold, no ratio: run once, printed with ratio
+``thr``). ``h2o`` pairs with ``ObservedAttentionPress`` (kvpress needs eager attention for it, which is part of what is
+compared). The ``kept`` columns are the share of context tokens held after the prefill (kvsieve: mean over layers and
+heads; kvpress: ``1 - press.compression_ratio``, which DMSPress measures).
+
+Not paired (``UNPAIRED``, printed at the end): kvpress presses that need a download (``QFilterPress``'s filters,
+``DuoAttentionPress``'s patterns, ``LUKVPress``'s curves), ``FinchPress`` (it adds a delimiter token to the tokenizer
+and the embeddings) and the decoding-time presses (``CAMPress``, ``DecodingPress``): this protocol compresses at the
+prefill.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -27,20 +44,102 @@ from pathlib import Path
 
 import torch
 
-from kvsieve import Sieve, load_model, prefill
+from kvsieve import Sieve, build, load_model, prefill
 from kvsieve.bench.runner import split_prompt
 from kvsieve.compat import cache_kwargs
+from kvsieve.errors import UnknownMethodError
 from kvsieve.models import converted_dir
 from kvsieve.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
-PAIRS = {
-    "streaming_llm": "StreamingLLMPress",
-    "snapkv": "SnapKVPress",
-    "tova": "TOVAPress",
-    "knorm": "KnormPress",
-    "h2o": "ObservedAttentionPress",
+N_LAYERS = 30  # SmolLM2-135M (per_layer's ramp has one ratio per layer)
+SNAP = "snapkv(window=64)"  # kvpress's SnapKVPress window (kvsieve's default is the paper's 32)
+# on knorm's scores (minus the key norm): SmolLM2's key norms have quantiles 10/50/90% = 14.8/18.7/22.7 (all layers,
+# a 1k-token prompt), so about half the tokens outside the window go; the kept share is printed for both sides
+DMS_THRESHOLD = -18.7
+
+
+def _ramp(r: float) -> list[float]:
+    """Per-layer ratios rising linearly across the layers, mean ``r`` (kept inside [0, 0.95])."""
+    spread = min(r, 0.95 - r, 0.2)
+    return [round(r - spread + 2 * spread * i / (N_LAYERS - 1), 4) for i in range(N_LAYERS)]
+
+
+def _stage(r: float) -> float:
+    """The ratio of each of two chained stages that together remove ``r``."""
+    return 1 - math.sqrt(1 - r)
+
+
+# label -> (kvsieve spec, kvsieve budget kind, kvpress expression); budget kinds: "ratio" (compression=r),
+# "mean" (compression = mean of the spec's per-layer ratios), "none" (no token budget), "thr" (threshold: run once)
+PAIRS: dict[str, tuple[str, str, str]] = {
+    "streaming_llm": ("streaming_llm(rerotate=False)", "ratio", "StreamingLLMPress(compression_ratio={r})"),
+    "snapkv": (SNAP, "ratio", "SnapKVPress(compression_ratio={r})"),
+    "tova": ("tova", "ratio", "TOVAPress(compression_ratio={r})"),
+    "knorm": ("knorm", "ratio", "KnormPress(compression_ratio={r})"),
+    "h2o": ("h2o", "ratio", "ObservedAttentionPress(compression_ratio={r})"),
+    "random": ("random", "ratio", "RandomPress(compression_ratio={r})"),
+    "pyramidkv": (f"pyramidkv:{SNAP}", "ratio", "PyramidKVPress(compression_ratio={r})"),
+    "adakv": (f"adakv:{SNAP}", "ratio", "AdaKVPress(SnapKVPress(compression_ratio={r}))"),
+    "expected_attention": ("expected_attention", "ratio", "ExpectedAttentionPress(compression_ratio={r})"),
+    "keydiff": ("keydiff", "ratio", "KeyDiffPress(compression_ratio={r})"),
+    "lagkv": ("lagkv", "ratio", "LagKVPress(compression_ratio={r})"),
+    "leverage_score": ("leverage_score", "ratio", "LeverageScorePress(compression_ratio={r})"),
+    "compactor": ("compactor", "ratio", "CompactorPress(compression_ratio={r})"),
+    "cur": ("cur", "ratio", "CURPress(compression_ratio={r})"),
+    "cap": ("cap", "ratio", "CapPress(compression_ratio={r})"),
+    "non_causal_attention": ("non_causal_attention", "ratio", "NonCausalAttnPress(compression_ratio={r})"),
+    "kvzip": ("kvzip", "ratio", "KVzipPress(compression_ratio={r})"),
+    "kvzip_plus": ("kvzip_plus", "ratio", "KVzipPress(compression_ratio={r}, kvzip_plus_normalization=True)"),
+    "criticalkv": (f"criticalkv:{SNAP}", "ratio", "CriticalKVPress(SnapKVPress(compression_ratio={r}))"),
+    "critical_adakv": (f"critical_adakv:{SNAP}", "ratio", "CriticalAdaKVPress(SnapKVPress(compression_ratio={r}))"),
+    "chunkkv": (f"chunkkv:{SNAP}", "ratio", "ChunkKVPress(SnapKVPress(compression_ratio={r}))"),
+    "entropy_chunkkv": (
+        f"entropy_chunkkv:{SNAP}", "ratio", "EntropyGatedChunkKVPress(SnapKVPress(compression_ratio={r}))",
+    ),
+    "rerotate": (f"rerotate:{SNAP}", "ratio", "KeyRerotationPress(SnapKVPress(compression_ratio={r}))"),
+    "merging": (f"merging:{SNAP}", "ratio", "MergingPress(SnapKVPress(compression_ratio={r}))"),
+    "per_layer": (
+        "per_layer(ratios={ramp}):" + SNAP, "mean",
+        "PerLayerCompressionPress(SnapKVPress(), compression_ratios=list({ramp}))",
+    ),
+    "compose": (
+        f"compose(methods=('{SNAP}', 'knorm'))", "ratio",
+        "ComposedPress([SnapKVPress(compression_ratio={s}), KnormPress(compression_ratio={s})])",
+    ),
+    "think": ("think(ratio={r})", "none", "ThinKPress(key_channel_compression_ratio={r})"),
+    "simlayerkv": ("simlayerkv(threshold=0.9)", "ratio", "SimLayerKVPress(lazy_threshold=0.9, n_recent={keep} - 3)"),
+    "dms": (
+        f"dms(threshold={DMS_THRESHOLD}, window=128):knorm", "thr",
+        f"DMSPress(KnormPress(), threshold={DMS_THRESHOLD}, sliding_window_size=128)",
+    ),
+}  # fmt: skip
+UNPAIRED = {
+    "qfilter": "QFilterPress downloads its filters from the Hugging Face hub",
+    "duoattention": "DuoAttentionPress downloads its head patterns (or profiles with a hub tokenizer)",
+    "lukv": "LUKVPress downloads its budget curves from GitHub",
+    "finch": "FinchPress adds a delimiter token to the tokenizer and resizes the embeddings",
+    "cam": "CAMPress compresses only while decoding (a DecodingPress); this protocol compresses at the prefill",
 }
+
+
+def expand(template: str, ratio: float, keep: int) -> str:
+    """A PAIRS template with its ratio fields filled in."""
+    return template.format(r=ratio, s=round(_stage(ratio), 6), ramp=tuple(_ramp(ratio)), keep=keep)
+
+
+def our_sieve(label: str, ratio: float) -> Sieve:
+    spec, kind, _ = PAIRS[label]
+    spec = expand(spec, ratio, 0)
+    if kind == "ratio":
+        return Sieve(spec, compression=ratio)
+    if kind == "mean":
+        return Sieve(spec, compression=statistics.mean(_ramp(ratio)))
+    if kind == "thr":
+        return Sieve(spec, compression=0.0)
+    return Sieve(spec)
+
+
 KVPRESS_PINS = ["torch==2.13.0", "transformers==5.2.0", "kvpress==0.5.5", "gguf", "accelerate"]
 
 
@@ -56,38 +155,50 @@ def ensure_venv(path: Path) -> Path:
     return python
 
 
+def jobs(items: list[dict], labels: list[str], ratios: list[float]) -> list[dict]:
+    """One row per (item, pair, ratio): what each side runs (a threshold pair runs once, ratio None)."""
+    out = []
+    for item in items:
+        n = len(item["prefix_ids"])
+        for label in labels:
+            for ratio in [None] if PAIRS[label][1] == "thr" else ratios:
+                r = 0.0 if ratio is None else ratio
+                press = expand(PAIRS[label][2], r, max(1, int(n * (1 - r))))
+                out.append({"item": item["id"], "label": label, "ratio": ratio, "press": press})
+    return out
+
+
 @torch.no_grad()
-def run_ours(model, tok, samples: list[dict], ratios: list[float]) -> list[dict]:
-    rows = []
-    for s in samples:
-        ctx = torch.tensor([s["context_ids"]])
-        follow = torch.tensor([s["question_ids"]])
-        for spec in PAIRS:
-            for ratio in ratios:
-                with Sieve(spec, compression=ratio).attach(model) as cache:
-                    t0 = time.perf_counter()
-                    logits = prefill(model, ctx, cache)
-                    seconds = time.perf_counter() - t0
-                    with cache.paused():
-                        logits = model(follow, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
-                        out = []
-                        for _ in range(s["max_new_tokens"]):
-                            token = int(logits[0].argmax())
-                            if token in s["eos"]:
-                                break
-                            out.append(token)
-                            step = model(torch.tensor([[token]]), **cache_kwargs(model, cache), logits_to_keep=1)
-                            logits = step.logits[:, -1]
-                rows.append(
-                    {
-                        "method": spec,
-                        "ratio": ratio,
-                        "sample": s["id"],
-                        "prediction_ids": out,
-                        "prefill_seconds": seconds,
-                    }
-                )
-    return rows
+def run_ours(model, tok, items: dict[str, dict], rows: list[dict]) -> list[dict]:
+    out_rows = []
+    for row in rows:
+        item = items[row["item"]]
+        prefix, follow = torch.tensor([item["prefix_ids"]]), torch.tensor([item["follow_ids"]])
+        try:
+            with our_sieve(row["label"], row["ratio"] or 0.0).attach(model) as cache:
+                t0 = time.perf_counter()
+                logits = prefill(model, prefix, cache, tokenizer=tok)
+                seconds = time.perf_counter() - t0
+                held = [t if isinstance(t, int) else statistics.mean(t) for t in cache.kv_tokens()]
+                with cache.paused():
+                    logits = model(follow, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
+                    out = []
+                    for _ in range(item["max_new_tokens"]):
+                        token = int(logits[0].argmax())
+                        if token in item["eos"]:
+                            break
+                        out.append(token)
+                        step = model(torch.tensor([[token]]), **cache_kwargs(model, cache), logits_to_keep=1)
+                        logits = step.logits[:, -1]
+            result = {
+                "prediction_ids": out,
+                "prefill_seconds": seconds,
+                "kept": statistics.mean(held) / prefix.shape[1],
+            }
+        except Exception as err:  # reported in the table; the others still run
+            result = {"error": f"{type(err).__name__}: {err}"[:120]}
+        out_rows.append({**row, **result})
+    return out_rows
 
 
 def main() -> None:
@@ -97,71 +208,106 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--ratios", default="0.25,0.5,0.75")
+    parser.add_argument("--modes", default="agnostic,aware", help="agnostic (context alone), aware (with question)")
+    parser.add_argument("--pairs", default=",".join(PAIRS), help="labels of PAIRS to run (default: all)")
     parser.add_argument("--venv", default=str(ROOT / ".venv-kvpress"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
+    labels = args.pairs.split(",")
+    modes = args.modes.split(",")
+    for name in labels:
+        if name not in PAIRS:
+            raise SystemExit(f"unknown pair {name!r}: choose from {', '.join(PAIRS)}")
+    for mode in modes:
+        if mode not in ("agnostic", "aware"):
+            raise SystemExit(f"unknown mode {mode!r}: agnostic or aware")
+    missing = []  # pairs whose kvsieve method this checkout does not register (another helper's, not yet merged)
+    for name in labels:
+        try:
+            build(expand(PAIRS[name][0], 0.5, 0))
+        except UnknownMethodError:
+            missing.append(name)
+    labels = [name for name in labels if name not in missing]
 
     model, tok = load_model("smollm2-135m")
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
-    samples, tasks = [], {}
+    items, tasks = {}, {}
     for name in args.tasks.split(","):
         for i, sample in enumerate(get_task(name).generate(tok, length=args.length, n=args.samples, seed=0)):
             p = split_prompt(tok, sample)
-            sid = f"{name}/{i}"
-            tasks[sid] = (get_task(name), sample)
-            samples.append(
-                {
-                    "id": sid,
-                    "context_ids": p.context[0].tolist(),
-                    "question_ids": torch.cat([p.question, p.answer_prefix], dim=1)[0].tolist(),
-                    "max_new_tokens": sample.max_new_tokens,
+            context = p.context[0].tolist()
+            question = torch.cat([p.question, p.answer_prefix], dim=1)[0].tolist()
+            for mode in modes:
+                sid = f"{name}/{i}/{mode}"
+                tasks[sid] = (get_task(name), sample)
+                prefix, follow = (context, question) if mode == "agnostic" else (context + question[:-1], question[-1:])
+                items[sid] = {
+                    "id": sid, "prefix_ids": prefix, "follow_ids": follow, "max_new_tokens": sample.max_new_tokens,
                     "eos": eos,
-                }
-            )
+                }  # fmt: skip
+    rows = jobs(list(items.values()), labels, ratios)
 
     python = ensure_venv(Path(args.venv))
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "job.json"
-        spec_file.write_text(
-            json.dumps(
-                {
-                    "model_dir": str(converted_dir("smollm2-135m")),
-                    "samples": samples,
-                    "ratios": ratios,
-                    "presses": PAIRS,
-                    "threads": args.threads,
-                }
-            )
-        )
+        job = {"model_dir": str(converted_dir("smollm2-135m")), "items": items, "rows": rows, "threads": args.threads}
+        spec_file.write_text(json.dumps(job))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-        # alternate the two sides' turns is not possible across processes; theirs runs first, ours right after
+        # alternating the two sides' turns is not possible across processes; theirs runs first, ours right after
         subprocess.run([python, str(ROOT / "benchmarks" / "kvpress_worker.py"), str(spec_file)], check=True, env=env)
         theirs = [json.loads(line) for line in (Path(tmp) / "job.out.jsonl").read_text().splitlines()]
-    ours = run_ours(model, tok, samples, ratios)
+    ours = run_ours(model, tok, items, rows)
 
-    def table(rows):
+    def table(result_rows):
         out = {}
-        for r in rows:
-            task, sample = tasks[r["sample"]]
+        for r in result_rows:
+            key = (r["label"], r["item"].rsplit("/", 1)[1], r["ratio"])
+            if "error" in r:
+                out.setdefault(key, []).append(r["error"])
+                continue
+            task, sample = tasks[r["item"]]
             score = task.score(sample, tok.decode(r["prediction_ids"], skip_special_tokens=True))
-            out.setdefault((r["method"], r["ratio"]), []).append((score, r["prefill_seconds"]))
+            out.setdefault(key, []).append((score, r["prefill_seconds"], r.get("kept")))
         return out
+
+    def summary(cells) -> tuple[str, float | None, str]:
+        errors = [c for c in cells if isinstance(c, str)]
+        if errors:
+            return "err", None, "-"
+        kept = [c[2] for c in cells if c[2] is not None]
+        return (
+            f"{100 * statistics.mean(c[0] for c in cells):.1f}",
+            statistics.median(c[1] for c in cells),
+            f"{statistics.mean(kept):.2f}" if kept else "-",
+        )
 
     a, b = table(ours), table(theirs)
     print(
         f"SmolLM2-135M, {args.length}-token contexts, tasks {args.tasks}, {args.samples} samples each, "
-        f"query-agnostic; score = mean string match x100"
+        f"modes {args.modes}; score = mean string match x100; kept = share of the prefix held after the prefill"
     )
-    print(f"{'kvsieve':<15}{'kvpress':<24}{'ratio':>6}{'ours':>8}{'theirs':>8}{'prefill ours/theirs':>22}")
-    for (method, ratio), mine in sorted(a.items()):
-        other = b[(method, ratio)]
-        s_ours = 100 * statistics.mean(x[0] for x in mine)
-        s_theirs = 100 * statistics.mean(x[0] for x in other)
-        t_ratio = statistics.median(x[1] for x in mine) / statistics.median(x[1] for x in other)
-        print(f"{method:<15}{PAIRS[method]:<24}{ratio:>6.2f}{s_ours:>8.1f}{s_theirs:>8.1f}{t_ratio:>22.2f}")
+    head = f"{'kvsieve':<40}{'kvpress':<52}{'mode':<9}{'ratio':>6}{'ours':>7}{'theirs':>7}"
+    print(f"{head}{'kept ours':>10}{'kept theirs':>12}{'prefill ours/theirs':>21}")
+    errors = []
+    for label, mode, ratio in sorted(a, key=lambda k: (k[0], k[1], k[2] or 0.0)):
+        (s_o, t_o, k_o), (s_t, t_t, k_t) = summary(a[(label, mode, ratio)]), summary(b[(label, mode, ratio)])
+        errors += [f"{label} {mode} ours: {e}" for e in a[(label, mode, ratio)] if isinstance(e, str)][:1]
+        errors += [f"{label} {mode} theirs: {e}" for e in b[(label, mode, ratio)] if isinstance(e, str)][:1]
+        r = 0.0 if ratio is None else ratio
+        ours_spec = expand(PAIRS[label][0], r, 0)
+        press = ":".join(re.findall(r"[A-Z]\w*Press", PAIRS[label][2]))  # the press and the presses it wraps
+        t = f"{t_o / t_t:.2f}" if t_o is not None and t_t is not None else "-"
+        rtxt = "thr" if ratio is None else f"{ratio:.2f}"
+        label_txt = ours_spec if len(ours_spec) <= 38 else ours_spec[:35] + "..."
+        print(f"{label_txt:<40}{press:<52}{mode:<9}{rtxt:>6}{s_o:>7}{s_t:>7}{k_o:>10}{k_t:>12}{t:>21}")
+    for line in errors:
+        print("error:", line)
+    if missing:
+        print(f"skipped, not registered in this checkout: {', '.join(missing)}")
+    print("not paired: " + "; ".join(f"{k} ({v})" for k, v in UNPAIRED.items()))
 
 
 if __name__ == "__main__":

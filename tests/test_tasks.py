@@ -36,6 +36,8 @@ ALL_TASKS = [
     "frequent_words",
     "qa",
     "multi_passkey",
+    "multi_number",
+    "multidoc_qa",
 ]
 DEPTH_TASKS = [name for name in ALL_TASKS if TASKS[name].uses_depth]
 
@@ -230,6 +232,23 @@ def test_multi_passkey_asks_every_door_in_reading_order(tokenizer: Any) -> None:
             assert task.score(view, " ".join(k for j, k in enumerate(keys) if j != i)) == 0.0
     other = TASKS["multi_passkey"].generate(tokenizer, 2000, 1, 1)[0]
     assert other.meta["keys"] != generate(tokenizer, "multi_passkey", 2000)[0].meta["keys"]
+
+
+def test_multi_number_asks_four_differently_named_numbers_in_reading_order(tokenizer: Any) -> None:
+    task = TASKS["multi_number"]
+    for s in generate(tokenizer, "multi_number", 1000):
+        assert s.n_questions == 4 and sorted(s.meta["labels"]) == sorted(label for label, _ in task.facts)
+        values = [s.for_question(i).answers[0] for i in range(4)]
+        assert values == s.meta["keys"] and len(set(values)) == 4
+        digits = dict(task.facts)
+        assert [len(v) for v in values] == [digits[label] for label in s.meta["labels"]]
+        offsets = [s.context.find(f"The {label} is {v}.") for label, v in zip(s.meta["labels"], values, strict=True)]
+        assert min(offsets) >= 0 and offsets == sorted(offsets) and all(s.context.count(v) == 2 for v in values)
+        for i, label in enumerate(s.meta["labels"]):
+            view = s.for_question(i)
+            assert view.question == f"What is the {label}? Answer with the number only."
+            assert task.score(view, f" {values[i]}.") == 1.0
+            assert task.score(view, " ".join(v for j, v in enumerate(values) if j != i)) == 0.0
 
 
 def test_single_question_samples_have_no_followups(tokenizer: Any) -> None:

@@ -31,6 +31,7 @@ _WHERE = {
     "list_methods": "methods",
     "cache_kwargs": "compat",
     "load_model": "models",
+    "load_processor": "models",
     "load_tokenizer": "models",
     "BudgetError": "errors",
     "ContextLengthError": "errors",

@@ -239,48 +239,21 @@ def gather_valid_and_bias(index, valid, bias):
     return valid, bias
 
 
-def block_sparse(call: AttentionCall, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Attention computed only on the selected (query block, key block) pairs.
+def block_sparse(
+    call: AttentionCall, blocks: torch.Tensor, block_size: int, key_order: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention computed only on the selected (query block, key block) pairs: the entry point of
+    :mod:`kvsieve.sparse` (its docstring gives the semantics and the two kernels).
 
     ``blocks``: ``(B, h*g, nq, nk)`` bool over query blocks of the pass's ``q`` new tokens and key blocks of the ``T``
     held slots (block ``j`` = slots ``[j * block_size, (j + 1) * block_size)``); the causal mask and padding still
     apply inside selected blocks, and the key blocks holding a query block's own tokens (the diagonal) are always
-    computed, so no row is empty. Held slots must be in stream order (prefill). Work: one sdpa per query block over
-    the union of its heads' selected key blocks, masked per head, so the cost follows the selected blocks. With every
-    block selected it equals :func:`dense`.
+    computed, so no row is empty. Held slots must be in stream order (prefill). With every block selected it equals
+    :func:`dense`. ``key_order`` ``(B, h, T)``: the key axis of ``blocks`` is this permutation of the slots (PBS-Attn).
     """
-    query, keys, values = call.query, call.keys, call.values
-    b, hq, q, _ = query.shape
-    h, t = keys.shape[1], keys.shape[2]
-    g = hq // h
-    nq, nk = -(-q // block_size), -(-t // block_size)
-    if blocks.shape[-2:] != (nq, nk):
-        raise ValueError(f"block mask {tuple(blocks.shape)} does not match {nq} query x {nk} key blocks")
-    out = torch.empty(b, q, hq, values.shape[-1], dtype=query.dtype, device=query.device)
-    offset = t - q  # slot of query 0
-    kj = torch.arange(t, device=query.device)
-    for i in range(nq):
-        rows = slice(i * block_size, min(q, (i + 1) * block_size))
-        own = (offset + rows.start) // block_size, (offset + rows.stop - 1) // block_size
-        wanted = blocks[:, :, i].clone()
-        wanted[..., own[0] : own[1] + 1] = True  # the diagonal block(s): every query sees itself
-        used = wanted.any(dim=0).any(dim=0).nonzero().flatten()  # key blocks any head wants
-        slots = (used[:, None] * block_size + torch.arange(block_size, device=query.device)).flatten()
-        slots = slots[slots < t]
-        k_sel = keys[:, :, slots].repeat_interleave(g, dim=1)
-        v_sel = values[:, :, slots].repeat_interleave(g, dim=1)
-        qi = torch.arange(rows.start, rows.stop, device=query.device) + offset
-        allowed = kj[slots][None, :] <= qi[:, None]  # causal (r, s)
-        per_head = wanted.repeat_interleave(block_size, dim=-1)[..., :t][..., slots]  # (B, Hq, s)
-        mask = allowed[None, None] & per_head[:, :, None, :]
-        if call.valid is not None:
-            real = call.valid[:, :, slots].repeat_interleave(g, dim=1)[:, :, None, :]
-            mask = mask & (real | (kj[slots][None, :] == qi[:, None])[None, None])
-        o = torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, rows], k_sel, v_sel, attn_mask=mask, scale=call.scaling
-        )
-        out[:, rows] = o.transpose(1, 2)
-    return out
+    from .sparse import block_sparse as kernel
+
+    return kernel(call, blocks, block_size, key_order)
 
 
 def column_sums(

@@ -141,13 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prefill in chunks of N tokens (peak = budget + N; default: the whole prompt at once)",
     )
+    gen.add_argument(
+        "--interval",
+        type=at_least(1),
+        default=None,
+        help="with --budget: decoding steps between evictions (held <= budget + interval - 1; 1 holds exactly the "
+        "budget at every step; default 16)",
+    )
+    gen.add_argument(
+        "--prefill", default=None, help="attention-compute method for the prefill, e.g. flexprefill(gamma=0.9)"
+    )
+    gen.add_argument(
+        "--sequence", default=None, help="token-pruning method inside the forward pass, e.g. fastv(layer=2, keep=0.5)"
+    )
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text and a table")
 
     # Subsystems own their subcommands: each module has add_parsers(sub) and registers handlers in COMMANDS.
     import importlib
 
-    for module in ("bench.cli", "diagnose.cli"):
+    for module in ("bench.cli", "diagnose.cli", "explain.cli"):
         try:
             importlib.import_module(f"{__package__}.{module}").add_parsers(sub)
         except ModuleNotFoundError as err:
@@ -208,7 +221,14 @@ def _generate(args: argparse.Namespace) -> int:
     # Every argument is checked before the model loads.
     from .sieve import Sieve
 
-    sieve = Sieve(args.method, compression=args.compression, budget=args.budget)
+    sieve = Sieve(
+        args.method,
+        compression=args.compression,
+        budget=args.budget,
+        interval=args.interval,
+        prefill=args.prefill,
+        sequence=args.sequence,
+    )
     if args.prompt_file is not None:
         prompt = read_text_file(args.prompt_file, "--prompt-file")
     else:

@@ -10,6 +10,7 @@ import torch
 from .cache import SieveCache
 from .compat import cache_kwargs
 from .errors import ContextLengthError, KVSieveError
+from .reconstruction import post_prefill_method
 from .sieve import Sieve
 
 
@@ -39,11 +40,16 @@ def prefill(
     *,
     chunk_size: int | None = None,
     attention_mask: torch.Tensor | None = None,
+    tokenizer=None,
 ) -> torch.Tensor:
     """Run the prompt through the model into ``cache``; returns the last position's logits ``(B, vocab)``.
 
     ``chunk_size``: feed the prompt this many tokens at a time; each chunk is compressed before the next one, so the
     cache never holds more than budget + chunk tokens. None feeds the whole prompt at once.
+
+    A method that needs the model after the prefill (``kvzip``: it has the model repeat the context; see
+    :mod:`kvsieve.reconstruction`) gets the whole prompt without eviction (chunks included), then runs its passes and
+    compresses once; ``tokenizer`` writes its prompts.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise KVSieveError("input_ids must be a non-empty (batch, tokens) tensor of token ids")
@@ -51,6 +57,19 @@ def prefill(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise KVSieveError(f"chunk_size must be a whole number of tokens >= 1, got {chunk_size!r}")
     step = n if chunk_size is None else chunk_size
+    session = getattr(cache, "session", None)
+    post = post_prefill_method(session.method) if session is not None else None
+    if post is not None and session.evicts and cache.compressing:
+        with cache.paused():
+            logits = _feed(model, input_ids, cache, step, attention_mask)
+        post.after_prefill(model, cache, input_ids, tokenizer)
+        return logits
+    return _feed(model, input_ids, cache, step, attention_mask)
+
+
+def _feed(model, input_ids: torch.Tensor, cache: SieveCache, step: int, attention_mask) -> torch.Tensor:
+    """Forward passes of ``step`` tokens; the last position's logits."""
+    n = input_ids.shape[1]
     past = attention_mask[:, :0] if attention_mask is not None else None
     logits = None
     for start in range(0, n, step):
@@ -113,7 +132,7 @@ def generate(
 
     with sieve.attach(model) as cache:
         t0 = time.perf_counter()
-        logits = prefill(model, input_ids, cache, chunk_size=chunk_size)
+        logits = prefill(model, input_ids, cache, chunk_size=chunk_size, tokenizer=tokenizer)
         prefill_seconds = time.perf_counter() - t0
         new_ids: list[int] = []
         t1 = time.perf_counter()

@@ -49,8 +49,11 @@ __all__ = [
     "converted_dir",
     "gguf_path",
     "hub_unreachable",
+    "is_vision_language",
+    "language_attention",
     "load_config",
     "load_model",
+    "load_processor",
     "load_tokenizer",
     "model_label",
 ]
@@ -687,7 +690,7 @@ def load_model(
     """
     dev = _check_device(device)
     source = _source(name_or_path, tokenizer=True, weights=True)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     try:
@@ -695,7 +698,13 @@ def load_model(
     except _LOAD_ERRORS as exc:
         raise _load_error(source, "tokenizer", exc) from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.where, local_files_only=source.local_files_only, **kwargs)
+        config = AutoConfig.from_pretrained(source.where, local_files_only=source.local_files_only)
+    except _LOAD_ERRORS as exc:
+        raise _load_error(source, "configuration", exc) from exc
+    # a vision-language model (image-text-to-text) loads with its vision tower and projector
+    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(source.where, local_files_only=source.local_files_only, **kwargs)
     except _LOAD_ERRORS as exc:
         raise _load_error(source, "model", exc) from exc
     _finish_tokenizer(tokenizer)
@@ -705,6 +714,46 @@ def load_model(
     model.eval()
     model.to(dev)
     return model, tokenizer
+
+
+def is_vision_language(config: PretrainedConfig) -> bool:
+    """True for a vision-language (image-text-to-text) model's config: it has a vision tower."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_processor(name_or_path: str | os.PathLike[str]) -> Any:
+    """The processor of a vision-language model (image preprocessing and tokenizer together), from a local directory
+    or a Hugging Face hub id, resolved like :func:`load_model`. It turns images and text (with the image placeholder
+    tokens the model expects) into the model's inputs: ``processor(images=..., text=..., return_tensors="pt")``.
+
+    Raises:
+        KVSieveError: the model is a text model (use :func:`load_tokenizer`), or the processor cannot be loaded.
+    """
+    config = load_config(name_or_path)
+    if not is_vision_language(config):
+        raise KVSieveError(
+            f"{model_label(name_or_path)!r} is a text model ({config.model_type}) without a vision tower, so it has "
+            "no image processor; use load_tokenizer() for it"
+        )
+    source = _source(name_or_path, tokenizer=True, weights=False)
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source.where, local_files_only=source.local_files_only)
+    except _LOAD_ERRORS as exc:
+        raise _load_error(source, "processor", exc) from exc
+
+
+def language_attention(model: torch.nn.Module, name: str | None = None) -> Any:
+    """The attention implementation of ``model``'s language model (``name=None``), or the argument of
+    ``model.set_attn_implementation`` that sets ``name`` on the language model only: a vision-language model's vision
+    tower keeps its own implementation (kvsieve routes the decoder's attention, never the encoder's)."""
+    config = model.config
+    if not is_vision_language(config):
+        return config._attn_implementation if name is None else name
+    key = next((k for k in getattr(config, "sub_configs", {}) if getattr(config, k, None) is config.get_text_config()),
+               "text_config")  # fmt: skip
+    return getattr(config, key)._attn_implementation if name is None else {key: name}
 
 
 def model_label(name_or_path: str | os.PathLike[str] | Any) -> str:

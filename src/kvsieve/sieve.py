@@ -37,8 +37,10 @@ from .methods.base import Method, PrefillMethod, SequenceMethod, batch_rule, ove
 from .pipeline import run_layer
 from .rope import find_inv_freq
 
-# Architectures whose attention goes through AttentionInterface and that the test suite covers.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Architectures whose attention goes through AttentionInterface and that the test suite covers: the language model's
+# type (``config.get_text_config().model_type``) and, for vision-language models, the model's own type.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen2_vl_text", "qwen2_5_vl_text")
+SUPPORTED_VLM_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
 
 DEFAULT_INTERVAL = 16  # decoding steps between evictions of a token budget: held <= budget + 15, see Budget
 
@@ -100,16 +102,16 @@ class Budget:
             if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
                 raise BudgetError(f"interval must be a whole number of decoding steps >= 1, got {self.interval!r}")
             if self.tokens is None:
-                raise BudgetError("interval applies to a token budget: give budget=N with interval=k")
+                raise BudgetError("interval applies to a token budget; give budget=N with interval=k")
+        if self.read is not None and (_number(self.read, "read budget") < 1 or int(self.read) != self.read):
+            raise BudgetError(f"read budget must be a whole number of tokens >= 1, got {self.read!r}")
+        if self.read_fraction is not None and not 0.0 < _number(self.read_fraction, "read fraction") <= 1.0:
+            raise BudgetError(f"read fraction must be in (0, 1], got {self.read_fraction!r}")
 
     @property
     def every(self) -> int:
         """Decoding steps from one eviction of a token budget to the next."""
         return DEFAULT_INTERVAL if self.interval is None else self.interval
-        if self.read is not None and (_number(self.read, "read budget") < 1 or int(self.read) != self.read):
-            raise BudgetError(f"read budget must be a whole number of tokens >= 1, got {self.read!r}")
-        if self.read_fraction is not None and not 0.0 < _number(self.read_fraction, "read fraction") <= 1.0:
-            raise BudgetError(f"read fraction must be in (0, 1], got {self.read_fraction!r}")
 
     @property
     def keeps(self) -> bool:
@@ -167,8 +169,8 @@ def _as(spec, base: type, what: str):
     if not isinstance(spec, base):
         kind = getattr(spec, "kind", type(spec).__name__)
         raise KVSieveError(
-            f"{getattr(spec, 'name', spec)!r} is a {kind} method, not a {what} method; `kvsieve methods` lists the "
-            f"{what} methods"
+            f"{getattr(spec, 'name', spec)!r} is not a {what} method (its kind: {kind}); `kvsieve methods` lists "
+            f"the {what} methods"
         )
     return spec
 
@@ -268,12 +270,14 @@ class Sieve:
             from .sequence import check_sequence
 
             check_sequence(self, model, sliding)
-        before = model.config._attn_implementation
+        from .models import language_attention
+
+        before = language_attention(model)  # of the language model: a VLM's vision tower keeps its own
         session = Session(self, model)
         _register()
         token = None
         try:
-            model.set_attn_implementation(attn.ATTENTION_NAME)
+            model.set_attn_implementation(language_attention(model, attn.ATTENTION_NAME))
             token = _ACTIVE.set(session)
             session.install(model)
             if cache is not None:
@@ -285,7 +289,7 @@ class Sieve:
             session.close()
             if token is not None:
                 _ACTIVE.reset(token)
-            model.set_attn_implementation(before)
+            model.set_attn_implementation(language_attention(model, before))
             _unregister()
 
     def new_cache(self) -> SieveCache:
@@ -300,6 +304,18 @@ def check_model(model: torch.nn.Module) -> None:
     """Raise UnsupportedModelError unless kvsieve can hook this model through AttentionInterface."""
     config = getattr(model, "config", None)
     model_type = getattr(config.get_text_config(), "model_type", None) if config is not None else None
+    outer = getattr(config, "model_type", None)
+    if getattr(config, "vision_config", None) is not None and outer not in SUPPORTED_VLM_TYPES:
+        why = (
+            " (Gemma 3 lets image tokens attend to each other in both directions, which kvsieve's causal attention "
+            "does not reproduce)"
+            if outer == "gemma3"
+            else ""
+        )
+        raise UnsupportedModelError(
+            f"unsupported vision-language architecture {outer!r} ({type(model).__name__}){why}: kvsieve supports "
+            f"{', '.join(SUPPORTED_VLM_TYPES)}. Use one of these, or the language model alone."
+        )
     if model_type not in SUPPORTED_MODEL_TYPES or not model._can_set_attn_implementation():
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r} ({type(model).__name__}): kvsieve hooks attention through "
@@ -339,7 +355,8 @@ class Session:
         self._hooks: list = []
 
     def install(self, model: torch.nn.Module) -> None:
-        if self.sequence is not None:
+        # a VLM's tokens are tagged (image / text) for the cache methods too, e.g. images_only
+        if self.sequence is not None or getattr(model.config, "vision_config", None) is not None:
             from .sequence import install_hooks
 
             self._hooks = install_hooks(model)

@@ -7,8 +7,8 @@ then replays what the method would have done at the end of its own prefill with 
 (``decide`` -> ``apply`` -> ``pack``, :mod:`kvsieve.pipeline`), so the cache is the one the method builds alone (the
 test suite checks this bit for bit for every shareable method, at lengths beyond the kept query window).
 
-Not shareable (:func:`shareable`): methods that bias attention (their prefill itself differs). Their rows need a
-prefill of their own.
+Not shareable (:func:`shareable`): methods that bias attention (their prefill itself differs) and methods that score
+by passes after the prefill (``kvzip``). Their rows need a prefill of their own.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class _Recorder(Method):
                 queries=obs.queries, positions=obs.positions, valid=obs.valid,
                 attention=record.stats.get(request) if request is not None else None, state={}, n_new=obs.n_new,
                 scaling=obs.scaling, budget=obs.budget, layer_state={}, shared=shared.setdefault(spec, {}),
-                head_start=obs.head_start, seen=obs.seen,
+                head_start=obs.head_start, seen=obs.seen, module=obs.module,
             )  # fmt: skip
             method.observe(mine)
             record.observed[spec] = (mine.state, mine.layer_state)
@@ -74,8 +74,11 @@ class _Recorder(Method):
 
 
 def shareable(method: Method) -> bool:
-    """Whether :meth:`PrefillSnapshot.compress` reproduces ``method`` exactly: its prefill must be plain attention."""
-    return not overrides(method, "logit_bias")
+    """Whether :meth:`PrefillSnapshot.compress` reproduces ``method`` exactly: its prefill must be plain attention,
+    and its scores must not need passes after the prefill (``kvzip``, see :mod:`kvsieve.reconstruction`)."""
+    from .reconstruction import post_prefill_method
+
+    return not overrides(method, "logit_bias") and post_prefill_method(method) is None
 
 
 class PrefillSnapshot:

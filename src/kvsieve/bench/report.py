@@ -62,6 +62,7 @@ from kvsieve.bench.summary import (
     n_text,
     norm_compression,
     partial_lines,
+    prefill_table,
     score_tables,
     speed_table,
     view_of,
@@ -725,6 +726,66 @@ def _speed_section(rows: Sequence[Row]) -> str:
     return _section("speed", "Speed", chart + table + notes, "Median prefill time and decode time per token.")
 
 
+def _prefill_section(rows: Sequence[Row]) -> str:
+    """Sparse prefill, reported apart from cache compression: score vs prefill time vs attention density per
+    attention-compute method, beside dense prefill and the oracle's score at the nearest density."""
+    table = prefill_table(rows)
+    if not table:
+        return ""
+
+    def density(d: float | None) -> str:
+        return "–" if d is None else f"{d:.0%}"
+
+    body = html_table(
+        [
+            "task",
+            "length",
+            "cache method",
+            "prefill",
+            "score",
+            "vs dense",
+            "density",
+            "prefill (median)",
+            "speed-up",
+            "oracle at that density",
+        ],
+        [
+            [
+                r.task,
+                r.length if r.length is not None else "–",
+                f"{r.method} @ {r.budget.label}" if r.budget.value else r.method,
+                r.prefill + (" (bound, not faster)" if r.is_oracle else ""),
+                _score_cell(r.cell, r.test),
+                "–" if r.delta_vs_dense is None else f"{r.delta_vs_dense * 100:+.1f}",
+                density(r.density),
+                fmt_seconds(r.prefill_seconds),
+                "–" if r.speedup is None else f"{r.speedup:.2f}×",
+                Html(
+                    f"{_score_cell(r.oracle)}<div class='sub'>{esc(r.oracle_spec)} at {density(r.oracle_density)}</div>"
+                )
+                if r.oracle is not None
+                else "–",
+            ]
+            for r in table
+        ],
+        cls="prefill",
+        align="llllrrrrrr",
+    )
+    note = (
+        '<p class="note">Density: the share of causal (query, key) pairs the prefill computed (kvsieve.sparse '
+        "records it per layer and head). Speed-up: dense prefill's median time over this method's, on rows that ran "
+        "their own prefill (run with --no-shared-prefill for cache methods that share one). The oracle "
+        "(oracle_topk) picks blocks by the true attention mass: the best score any block selector could reach at "
+        "its density, never faster than dense. ▲/▼: paired test against dense prefill, Holm-corrected.</p>"
+    )
+    return _section(
+        "prefill",
+        "Sparse prefill",
+        body + note,
+        "Attention-compute methods: score, prefill time and attention density against dense prefill.",
+    )
+
+
 def _streaming_section(stream_rows: Sequence[Row], colors: Colors) -> str:
     if not stream_rows:
         return ""
@@ -1057,6 +1118,7 @@ def render_report(
         toc.append(("summary", "Summary"))
     for sid, label, html_part in (
         ("memory", "Memory", _memory_section(rows, memory, colors)),
+        ("prefill", "Sparse prefill", _prefill_section(rows)),
         ("speed", "Speed", _speed_section(rows)),
         ("streaming", "Streaming", _streaming_section(streaming, colors)),
         ("config", "Configuration", _config_section(config)),

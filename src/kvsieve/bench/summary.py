@@ -664,6 +664,104 @@ def speed_table(rows: Sequence[Row]) -> list[SpeedRow]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- sparse prefill
+DENSE_PREFILL = "dense"
+ORACLE_PREFILL = "oracle_topk"
+
+
+def prefill_of(row: Row) -> str:
+    """The attention-compute method of a row (``dense`` when none was set)."""
+    return str(row.get("prefill") or DENSE_PREFILL)
+
+
+def _density(row: Row) -> float | None:
+    stats = row.get("stats")
+    return _finite(stats.get("prefill_density")) if isinstance(stats, Mapping) else None
+
+
+@dataclass(frozen=True)
+class PrefillRow:
+    """One prefill method on one (cache method, budget, task, length): its score, prefill time and attention density
+    beside dense prefill's, and the oracle's score at the nearest density (``oracle_topk`` rows in the same run)."""
+
+    task: str
+    length: Any
+    method: str  # the cache method (and budget label) the prefill method ran with
+    budget: Budget
+    prefill: str
+    cell: Cell | None
+    density: float | None  # mean measured share of causal (query, key) pairs computed
+    prefill_seconds: float | None  # median, own prefills only (shared ones never run a prefill method)
+    speedup: float | None  # dense prefill's median time / this one's (higher is faster)
+    delta_vs_dense: float | None  # mean score minus dense prefill's on the same cache method, budget and task
+    test: Comparison | None  # paired test against dense prefill (Holm-corrected over the table)
+    oracle: Cell | None = None
+    oracle_spec: str | None = None
+    oracle_density: float | None = None
+
+    @property
+    def is_oracle(self) -> bool:
+        return self.prefill.startswith(ORACLE_PREFILL)
+
+
+def prefill_table(rows: Sequence[Row]) -> list[PrefillRow]:
+    """The sparse-prefill view: one row per (task, length, cache method, budget, prefill method), dense first.
+
+    Empty unless some row ran a prefill method. Speed-ups compare medians of rows that ran their own prefill; the
+    oracle columns take the ``oracle_topk`` group whose mean measured density is closest to this method's.
+    """
+    if not any(r.get("prefill") for r in rows):
+        return []
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for r in rows:
+        key = (str(r.get("task", "?")), r.get("length"), str(r.get("method", "?")), budget_of(r), prefill_of(r))
+        groups[key].append(r)
+    out: list[PrefillRow] = []
+    tests: list[Comparison | None] = []
+    bases = {k[:4]: v for k, v in groups.items() if k[4] == DENSE_PREFILL}
+    for key, mine in groups.items():
+        base = bases.get(key[:4])
+        cell = make_cell(mine)
+        base_cell = make_cell(base) if base else None
+        own = _median([v for r in mine if not r.get("shared_prefill") and (v := _finite(r.get("prefill_seconds")))])
+        base_own = (
+            _median([v for r in base if not r.get("shared_prefill") and (v := _finite(r.get("prefill_seconds")))])
+            if base
+            else None
+        )
+        densities = [d for r in mine if (d := _density(r)) is not None]
+        density = statistics.fmean(densities) if densities else (1.0 if key[4] == DENSE_PREFILL else None)
+        test = compare(cell, base_cell) if cell and base_cell and key[4] != DENSE_PREFILL else None
+        tests.append(test)
+        out.append(
+            PrefillRow(
+                task=key[0], length=key[1], method=key[2], budget=key[3], prefill=key[4], cell=cell,
+                density=density, prefill_seconds=own,
+                speedup=_ratio(base_own, own) if key[4] != DENSE_PREFILL else None,
+                delta_vs_dense=(cell.mean - base_cell.mean) if cell and base_cell and key[4] != DENSE_PREFILL else None,
+                test=test,
+            )
+        )  # fmt: skip
+    adjusted = adjust({i: t for i, t in enumerate(tests) if t is not None})  # Holm over the whole table
+    out = [PrefillRow(**{**row.__dict__, "test": adjusted[i]}) if i in adjusted else row for i, row in enumerate(out)]
+    final = []
+    for row in out:
+        if not row.is_oracle and row.prefill != DENSE_PREFILL and row.density is not None:
+            oracles = [
+                o for o in out
+                if o.is_oracle and (o.task, o.length, o.method, o.budget) == (row.task, row.length, row.method,
+                                                                              row.budget) and o.density is not None
+            ]  # fmt: skip
+            if oracles:
+                near = min(oracles, key=lambda o: abs(o.density - row.density))
+                row = PrefillRow(**{**row.__dict__, "oracle": near.cell, "oracle_spec": near.prefill,
+                                    "oracle_density": near.density})  # fmt: skip
+        final.append(row)
+    order = {DENSE_PREFILL: 0}
+    final.sort(key=lambda r: (r.task, str(r.length), r.method, r.budget, order.get(r.prefill, 2 if r.is_oracle else 1)))
+    return final
+
+
 # ----------------------------------------------------------------------------------------------- memory
 @dataclass(frozen=True)
 class MemoryRow:

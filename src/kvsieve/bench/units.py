@@ -30,6 +30,7 @@ import kvsieve
 
 from ..errors import KVSieveError
 from ..methods import build
+from ..sequence import protect
 from ..sieve import Sieve
 from ..snapshot import PrefillSnapshot, shareable
 from ..tasks import Sample, get_task
@@ -164,9 +165,11 @@ class UnitRunner:
                 methods = [m for _, job in here if shareable(m := build(job.method))]
                 snapshot = PrefillSnapshot(self.model, prefill_ids, methods) if methods else None
             for ep, job in here:
-                yield from self._job(unit, talk, ep, job, prefill_ids, snapshot)
+                yield from self._job(unit, talk, ep, job, prefill_ids, snapshot, context.shape[1])
 
-    def _job(self, unit: WorkUnit, talk: Conversation, ep: _Episode, job: Job, prefill_ids, snapshot) -> Iterator[dict]:
+    def _job(
+        self, unit: WorkUnit, talk: Conversation, ep: _Episode, job: Job, prefill_ids, snapshot, n_context: int
+    ) -> Iterator[dict]:
         method = build(job.method)
         sieve = Sieve(method, **job.budget, prefill=job.prefill, sequence=job.sequence)
         use_snapshot = snapshot is not None and shareable(method)
@@ -178,7 +181,11 @@ class UnitRunner:
                 logits = snapshot.last_logits
             else:
                 cache = fresh
-                logits = kvsieve.prefill(self.model, prefill_ids, cache)
+                if job.sequence is not None:  # token pruning may drop context tokens only, never the question
+                    prunable = torch.zeros(prefill_ids.shape, dtype=torch.bool, device=prefill_ids.device)
+                    prunable[:, :n_context] = True
+                    protect(cache, prunable)
+                logits = kvsieve.prefill(self.model, prefill_ids, cache, tokenizer=self.tokenizer)
                 prefill_seconds = time.perf_counter() - t0
             kv_bytes, kv_tokens = cache.kv_bytes(), _mean_tokens(cache)
             history: list[str] = []

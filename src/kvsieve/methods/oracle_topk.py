@@ -10,12 +10,12 @@ With ``density=1`` every causal block is computed and the output equals dense at
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..attention import AttentionCall, block_sparse, causal_allowed
+from .. import sparse
+from ..attention import AttentionCall, block_sparse
 from . import register
 from .base import PrefillMethod, hp
 
@@ -42,24 +42,12 @@ class OracleTopK(PrefillMethod):
 
     def blocks(self, call: AttentionCall) -> torch.Tensor:
         """``(B, Hq, nq, nk)`` bool: the chosen key blocks of each query block and head."""
-        query, keys = call.query, call.keys
-        b, hq, q, d = query.shape
-        h, t = keys.shape[1], keys.shape[2]
-        g, bs = hq // h, self.block_size
-        nq, nk = -(-q // bs), -(-t // bs)
-        k_t = keys.to(torch.float32).transpose(-1, -2)
-        chosen = torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=query.device)
-        for i in range(nq):
-            rows = slice(i * bs, min(q, (i + 1) * bs))
-            r = rows.stop - rows.start
-            logits = (query[:, :, rows].to(torch.float32).reshape(b, h, g * r, d) @ k_t).view(b, hq, r, t)
-            allowed = causal_allowed(q, t, call.valid, rows=rows, device=query.device)
-            allowed = allowed.repeat_interleave(g, dim=1) if allowed.shape[1] > 1 else allowed
-            probs = (logits * call.scaling).masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-            pad = nk * bs - t
-            mass = torch.nn.functional.pad(probs.sum(dim=2), (0, pad)).view(b, hq, nk, bs).sum(-1)
-            last = (t - q + rows.stop - 1) // bs  # the last key block any row of this block can see
-            n = max(1, math.ceil(self.density * (last + 1)))
-            top = mass[..., : last + 1].topk(n, dim=-1).indices
-            chosen[:, :, i].scatter_(-1, top, True)
-        return chosen
+        bs, q, t = self.block_size, call.n_new, call.keys.shape[2]
+        mass = sparse.block_mass(call, bs)
+        _, last = sparse.own_blocks(q, t, bs, call.query.device)
+        visible = last + 1  # causal key blocks of each query block
+        n = torch.clamp(torch.ceil(self.density * visible.to(torch.float32)), min=1).long()  # (nq,)
+        causal = sparse.causal_blocks(q, t, bs, call.query.device)
+        ranked = mass.masked_fill(~causal, -1.0).argsort(dim=-1, descending=True, stable=True)
+        keep = torch.arange(mass.shape[-1], device=mass.device)[None, :] < n[:, None]  # (nq, nk) in rank order
+        return torch.zeros_like(causal.expand_as(mass)).scatter(-1, ranked, keep.expand_as(mass)) & causal

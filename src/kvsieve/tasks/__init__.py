@@ -18,6 +18,8 @@ Tasks (:data:`TASKS`):
 * ``qa``: a question about invented facts, with distractor facts.
 * ``multi_passkey``: four doors' pass keys in one context, each asked in its own question (``Sample.followups``):
   the bench compresses the context once and answers every question from that cache.
+* ``multi_number``: four differently named numbers (pass key, door code, room number, ticket number) in one
+  context, each asked in its own question, as ``multi_passkey``.
 
 Haystacks (:mod:`kvsieve.tasks.haystack`, all offline): ``"pydoc"`` (CPython's ``pydoc_data`` topics, the
 default of the NIAH tasks and ``qa``), ``"licenses"`` (``/usr/share/common-licenses``) and ``"noise"`` (the
@@ -51,7 +53,8 @@ from kvsieve.tasks.base import (
     string_match_all,
 )
 from kvsieve.tasks.haystack import HAYSTACKS, HaystackNotFoundError, UnknownHaystackError, load_haystack
-from kvsieve.tasks.niah import MultiPasskeyTask, NIAHTask, PasskeyTask
+from kvsieve.tasks.multidoc import MultiDocQATask
+from kvsieve.tasks.niah import MultiNumberTask, MultiPasskeyTask, NIAHTask, PasskeyTask
 from kvsieve.tasks.qa import QATask
 from kvsieve.tasks.tracking import VariableTrackingTask
 
@@ -65,6 +68,7 @@ __all__ = [
     "FrequentWordsTask",
     "HaystackNotFoundError",
     "HaystackTask",
+    "MultiNumberTask",
     "MultiPasskeyTask",
     "NIAHTask",
     "PasskeyTask",
@@ -116,6 +120,8 @@ def _build() -> dict[str, Task]:
         FrequentWordsTask(),
         QATask(),
         MultiPasskeyTask(),
+        MultiNumberTask(),
+        MultiDocQATask(),
     ]
     return {t.name: t for t in tasks}
 

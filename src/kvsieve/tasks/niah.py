@@ -9,7 +9,7 @@ from kvsieve.tasks.base import HaystackTask, Needles, Question, count_tokens, dr
 from kvsieve.tasks.haystack import HaystackIndex
 from kvsieve.tasks.words import ADJECTIVES, NOUNS
 
-__all__ = ["MultiPasskeyTask", "NIAHTask", "PasskeyTask"]
+__all__ = ["MultiNumberTask", "MultiPasskeyTask", "NIAHTask", "PasskeyTask"]
 
 ValueType = Literal["number", "word", "uuid"]
 
@@ -167,29 +167,79 @@ class MultiPasskeyTask(HaystackTask):
         keys = [
             draw_fresh(rng, lambda r: str(r.randint(10000, 99999)), index, taken, avoid=self.prefix) for _ in labels
         ]
+        return self.assemble(
+            labels,
+            keys,
+            needle="The pass key of the {label} door is {value}. Remember it. "
+            "{value} is the pass key of the {label} door.",
+            question="What is the pass key of the {label} door? Answer with the number only.",
+            answer_prefix="The pass key of the {label} door is",
+        )
+
+    def assemble(self, labels: list[str], values: list[str], needle: str, question: str, answer_prefix: str) -> Needles:
+        """One needle per (label, value) at evenly spread depths, asked in reading order, one question each."""
+        n = len(labels)
         depths = [100.0 * (k + 0.5) / n for k in range(n)]
-        needles = [
-            (f"The pass key of the {label} door is {key}. Remember it. {key} is the pass key of the {label} door.", d)
-            for label, key, d in zip(labels, keys, depths, strict=True)
-        ]
+        fill = [dict(label=label, value=value) for label, value in zip(labels, values, strict=True)]
         questions = [
             Question(
-                question=f"What is the pass key of the {label} door? Answer with the number only.",
-                answers=[key],
-                answer_prefix=f"The pass key of the {label} door is",
+                question=question.format(**f),
+                answers=[f["value"]],
+                answer_prefix=answer_prefix.format(**f),
                 max_new_tokens=self.max_new_tokens,
                 depth=d,
             )
-            for label, key, d in zip(labels, keys, depths, strict=True)
+            for f, d in zip(fill, depths, strict=True)
         ]
         first = questions[0]
         return Needles(
             prefix=self.prefix,
-            needles=needles,
+            needles=[(needle.format(**f), d) for f, d in zip(fill, depths, strict=True)],
             question=first.question,
             answers=first.answers,
             answer_prefix=first.answer_prefix,
-            expected={key: 2 for key in keys},
-            meta={"labels": labels, "keys": keys, "question_depths": depths},
+            expected={value: 2 for value in values},
+            meta={"labels": labels, "keys": values, "question_depths": depths},
             followups=questions[1:],
+        )
+
+
+class MultiNumberTask(MultiPasskeyTask):
+    """Four differently named numbers in the passkey noise, each asked in its own question, in reading order.
+
+    ``multi_passkey``'s four doors share one label pattern and one key length, and SmolLM2-135M often answers a
+    door's question with the most recent door's key (full attention: 50-62% at 2k tokens). Here each fact has its own
+    name and its own number of digits (pass key 5, door code 4, room number 3, ticket number 6), in passkey's
+    sentence ("The door code is 4817. Remember it. 4817 is the door code."), so a full cache answers nearly every
+    question (measured: 23 of 24 at 1,024 tokens) and what a compressed cache loses shows per question.
+    """
+
+    name = "multi_number"
+    description = "Multi-question numbers: a pass key, door code, room number and ticket number in noise, each asked."
+    facts: ClassVar[tuple[tuple[str, int], ...]] = (
+        ("pass key", 5),
+        ("door code", 4),
+        ("room number", 3),
+        ("ticket number", 6),
+    )
+    prefix: ClassVar[str] = (
+        "There are several important numbers hidden inside a lot of irrelevant text. "
+        "Find them and memorize them. I will quiz you about them. "
+    )
+
+    def draw(self, rng: random.Random, depth: float | None, index: HaystackIndex) -> Needles:
+        n = self.questions_per_sample
+        taken: set[str] = set()
+        values = [
+            draw_fresh(rng, lambda r, d=digits: str(r.randint(10 ** (d - 1), 10**d - 1)), index, taken, self.prefix)
+            for _, digits in self.facts
+        ]
+        order = rng.sample(range(n), n)
+        labels = [self.facts[i][0] for i in order]
+        return self.assemble(
+            labels,
+            [values[i] for i in order],
+            needle="The {label} is {value}. Remember it. {value} is the {label}.",
+            question="What is the {label}? Answer with the number only.",
+            answer_prefix="The {label} is",
         )

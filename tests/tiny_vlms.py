@@ -1,0 +1,162 @@
+"""Tiny random-weight vision-language models built from configs (no downloads) for the VLM unit tests.
+
+Each builder returns ``(model, make_inputs)``: ``make_inputs(n_images=1, text_before=5, text_after=6, seed=0)`` gives
+the keyword arguments of one forward pass (``input_ids`` with the image placeholder tokens where the model's own
+processor would put them, ``pixel_values`` and the per-architecture extras), so no processor is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+VOCAB = 128
+IMAGE_TOKEN = 100
+TEXT = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=4096,
+)  # fmt: skip
+
+
+def _build(cls, config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _text_ids(gen: torch.Generator, n: int) -> list[int]:
+    return torch.randint(3, 90, (n,), generator=gen).tolist()
+
+
+def _ids(pieces: list[list[int]]) -> torch.Tensor:
+    return torch.tensor([[t for p in pieces for t in p]], dtype=torch.long)
+
+
+def llava(vocab: int = VOCAB, image_token: int = IMAGE_TOKEN) -> tuple[torch.nn.Module, Callable]:
+    """LLaVA-1.5 layout: CLIP tower (CLS + 16 patches, feature layer -2, CLS dropped), 2-layer MLP projector.
+    ``vocab``/``image_token``: to pair the model with a real tokenizer (``make_inputs`` uses the defaults)."""
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)  # fmt: skip
+    config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**{**TEXT, "vocab_size": vocab}),
+                         image_token_id=image_token, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")  # fmt: skip
+    model = _build(LlavaForConditionalGeneration, config)
+
+    def make_inputs(n_images: int = 1, text_before: int = 5, text_after: int = 6, seed: int = 0) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        pieces = [_text_ids(gen, text_before)]
+        for _ in range(n_images):
+            pieces += [[IMAGE_TOKEN] * 16, _text_ids(gen, 2)]
+        pieces.append(_text_ids(gen, text_after))
+        return {"input_ids": _ids(pieces), "pixel_values": torch.randn(n_images, 3, 32, 32, generator=gen)}
+
+    return model, make_inputs
+
+
+def llava_next() -> tuple[torch.nn.Module, Callable]:
+    """LLaVA-NeXT AnyRes: a base image plus crops on a 2x2 grid, unpadded, with a newline token per row."""
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)  # fmt: skip
+    config = LlavaNextConfig(vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_index=IMAGE_TOKEN,
+                             image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+                             vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
+    model = _build(LlavaNextForConditionalGeneration, config)
+
+    def make_inputs(n_images: int = 1, text_before: int = 5, text_after: int = 6, seed: int = 0) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        # a 64x64 image: best grid 2x2 crops of 32 -> 8x8 patches, no unpadding; + 8 newlines; + 16 base tokens
+        per_image = 16 + 8 * 8 + 8
+        pieces = [_text_ids(gen, text_before)]
+        for _ in range(n_images):
+            pieces += [[IMAGE_TOKEN] * per_image, _text_ids(gen, 2)]
+        pieces.append(_text_ids(gen, text_after))
+        return {
+            "input_ids": _ids(pieces),
+            "pixel_values": torch.randn(n_images, 5, 3, 32, 32, generator=gen),
+            "image_sizes": torch.tensor([[64, 64]] * n_images),
+        }
+
+    return model, make_inputs
+
+
+def _qwen(cls, config_cls, **vision_extra) -> tuple[torch.nn.Module, Callable]:
+    text = {**TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, **vision_extra)  # fmt: skip
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=101,
+                        vision_start_token_id=102, vision_end_token_id=103, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    model = _build(cls, config)
+
+    def make_inputs(n_images: int = 1, text_before: int = 5, text_after: int = 6, seed: int = 0) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        grid = (1, 8, 8)  # 8x8 patches of 4 pixels -> 16 tokens after the 2x2 merge
+        pieces = [_text_ids(gen, text_before)]
+        for _ in range(n_images):
+            pieces += [[102], [IMAGE_TOKEN] * 16, [103], _text_ids(gen, 2)]
+        pieces.append(_text_ids(gen, text_after))
+        patch = 3 * 2 * 4 * 4
+        ids = _ids(pieces)
+        return {
+            "input_ids": ids,
+            "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),  # image 1, text 0 (what the processor returns)
+            "pixel_values": torch.randn(n_images * 64, patch, generator=gen),
+            "image_grid_thw": torch.tensor([grid] * n_images),
+        }
+
+    return model, make_inputs
+
+
+def qwen2_vl() -> tuple[torch.nn.Module, Callable]:
+    """Qwen2-VL: ViT with 2D RoPE, 2x2 patch merger, M-RoPE (temporal/height/width) positions in the LLM."""
+    return _qwen(Qwen2VLForConditionalGeneration, Qwen2VLConfig)
+
+
+def qwen2_5_vl() -> tuple[torch.nn.Module, Callable]:
+    """Qwen2.5-VL: windowed attention in the ViT (full attention in the listed blocks), M-RoPE in the LLM."""
+    return _qwen(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, intermediate_size=48, out_hidden_size=64,
+                 window_size=16, fullatt_block_indexes=[1])  # fmt: skip
+
+
+def idefics3() -> tuple[torch.nn.Module, Callable]:
+    """Idefics3 / SmolVLM: SigLIP-style tower without [CLS], pixel shuffle (scale 2) and a linear connector."""
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", **TEXT), image_token_id=IMAGE_TOKEN, scale_factor=2,
+    )  # fmt: skip
+    model = _build(Idefics3ForConditionalGeneration, config)
+
+    def make_inputs(n_images: int = 1, text_before: int = 5, text_after: int = 6, seed: int = 0) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        pieces = [_text_ids(gen, text_before)]
+        for _ in range(n_images):  # 4x4 patches -> 4 tokens after the 2x2 pixel shuffle
+            pieces += [[104], [IMAGE_TOKEN] * 4, [104], _text_ids(gen, 2)]
+        pieces.append(_text_ids(gen, text_after))
+        return {"input_ids": _ids(pieces), "pixel_values": torch.randn(1, n_images, 3, 32, 32, generator=gen)}
+
+    return model, make_inputs
+
+
+BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,
+            "idefics3": idefics3}  # fmt: skip
+VLMS = list(BUILDERS)
+
+
+def make_vlm(arch: str) -> tuple[torch.nn.Module, Callable]:
+    return BUILDERS[arch]()
