@@ -7,6 +7,7 @@ processor would put them, ``pixel_values`` and the per-architecture extras), so 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -112,12 +113,14 @@ def _qwen(cls, config_cls, **vision_extra) -> tuple[torch.nn.Module, Callable]:
         pieces.append(_text_ids(gen, text_after))
         patch = 3 * 2 * 4 * 4
         ids = _ids(pieces)
-        return {
+        inputs = {
             "input_ids": ids,
-            "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),  # image 1, text 0 (what the processor returns)
             "pixel_values": torch.randn(n_images * 64, patch, generator=gen),
             "image_grid_thw": torch.tensor([grid] * n_images),
         }
+        if "mm_token_type_ids" in inspect.signature(cls.forward).parameters:  # newer releases' processors return it
+            inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()  # image 1, text 0
+        return inputs
 
     return model, make_inputs
 

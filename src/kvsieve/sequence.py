@@ -155,8 +155,11 @@ def received_attention(layer: torch.nn.Module, hidden: torch.Tensor, emb, query_
         q, kk = attn.q_norm(q), attn.k_norm(kk)
     q, kk = q.transpose(1, 2), kk.transpose(1, 2)
     if emb is not None:
-        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        q, kk = rope(q, kk, *emb)
+        module = sys.modules[type(attn).__module__]
+        if hasattr(module, "apply_rotary_pos_emb"):
+            q, kk = module.apply_rotary_pos_emb(q, kk, *emb)
+        else:  # older transformers' Qwen2-VL: cos/sin per M-RoPE section, merged by the model's own function
+            q, kk = module.apply_multimodal_rotary_pos_emb(q, kk, *emb, attn.config.rope_parameters["mrope_section"])
     groups = q.shape[1] // kk.shape[1]
     kk = kk.repeat_interleave(groups, dim=1)
     out = torch.zeros(b, k, dtype=torch.float32, device=hidden.device)
@@ -499,7 +502,8 @@ def _layer_hook(layer_idx: int, first: int, layers: dict[int, torch.nn.Module], 
 
 
 def _rows(t: torch.Tensor, state: PassState) -> torch.Tensor:
-    """The rows still on of a per-token tensor of the pass: ``(B|1, n, ...)`` or ``(n,)``; others unchanged."""
+    """The rows still on of a per-token tensor of the pass: ``(B|1, n, ...)``, ``(sections, B|1, n, ...)`` or ``(n,)``;
+    others unchanged."""
     if state.rows.shape[1] == state.n:
         return t
     index = state.rows.to(t.device)
@@ -511,6 +515,9 @@ def _rows(t: torch.Tensor, state: PassState) -> torch.Tensor:
                 raise UnsupportedModelError("per-token tensor and pruning batch sizes differ")
             return t[:, index[0]]
         return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+    if t.dim() >= 3 and t.shape[2] == state.n:
+        # M-RoPE sections first (older transformers hand Qwen2-VL's layers cos/sin as (3, B, n, D))
+        return torch.stack([_rows(part, state) for part in t])
     return t
 
 
