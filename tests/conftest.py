@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from browser import driver  # noqa: F401  (the headless Chromium fixture of the page tests)
 from tiny_models import ARCHS, make_model
 
 

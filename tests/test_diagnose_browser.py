@@ -7,66 +7,22 @@ attached so every section renders. The full-page screenshot is copied to ``/tmp/
 
 from __future__ import annotations
 
-import base64
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from browser import full_page_png
 from kvsieve.diagnose import HEAD_STATS, RetrievalResult, StatsConfig, diagnose
 from kvsieve.diagnose.report import write_report
 from tiny_models import make_model, prompt_ids
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT_COPY = Path("/tmp/kvsieve_diagnose.png")
-WINDOW = (1400, 1000)
 MAP_HEADS = [(0, 1), (1, 3)]
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed; run scripts/install_browser.sh")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    options.add_argument(f"--window-size={WINDOW[0]},{WINDOW[1]}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    try:
-        yield drv
-    finally:
-        drv.quit()
-
-
-def _full_page_png(driver: Any) -> bytes:
-    width, height = driver.execute_script(
-        "const e = document.documentElement;"
-        "return [Math.ceil(Math.max(e.scrollWidth, document.body.scrollWidth)),"
-        "        Math.ceil(Math.max(e.scrollHeight, document.body.scrollHeight))];"
-    )
-    driver.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride",
-        {"width": int(width), "height": int(height), "deviceScaleFactor": 1, "mobile": False},
-    )
-    try:
-        shot = driver.execute_cdp_cmd(
-            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "fromSurface": True}
-        )
-    finally:
-        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    return base64.b64decode(shot["data"])
 
 
 def test_diagnosis_page_renders_in_chromium(driver: Any, tmp_path: Path) -> None:
@@ -123,7 +79,7 @@ def test_diagnosis_page_renders_in_chromium(driver: Any, tmp_path: Path) -> None
     sections = driver.execute_script("return Array.from(document.querySelectorAll('section')).map(s => s.id)")
     assert sections == ["summary", "heatmaps", "maps", "sinks", "massive", "retrieval"]
 
-    png = _full_page_png(driver)
+    png = full_page_png(driver)
     assert png.startswith(b"\x89PNG")
     shot = tmp_path / "diagnosis.png"
     shot.write_bytes(png)

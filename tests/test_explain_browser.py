@@ -9,45 +9,20 @@ screenshot is copied to ``/tmp/kvsieve_explain.png``.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from browser import full_page_png
 from kvsieve.explain import explain
 from kvsieve.models import load_model
-from test_diagnose_browser import _full_page_png
 from tiny_model_dir import save_tiny_model_dir
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT_COPY = Path("/tmp/kvsieve_explain.png")
-WINDOW = (1400, 1000)
 METHODS = ["saliency", "attention_rollout", "fai", "method:snapkv(window=4)"]
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed; run scripts/install_browser.sh")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    options.add_argument(f"--window-size={WINDOW[0]},{WINDOW[1]}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    try:
-        yield drv
-    finally:
-        drv.quit()
 
 
 def test_explanation_page_renders_in_chromium(driver: Any, tmp_path: Path) -> None:
@@ -85,7 +60,7 @@ def test_explanation_page_renders_in_chromium(driver: Any, tmp_path: Path) -> No
     )
     assert overflow <= 0
 
-    png = _full_page_png(driver)
+    png = full_page_png(driver)
     assert png.startswith(b"\x89PNG")
     shot = tmp_path / "explain.png"
     shot.write_bytes(png)
