@@ -417,8 +417,21 @@ def read_budget_of(method: Method) -> int | float | None:
     return None
 
 
+class _Standalone(Hyperparameters):
+    """``spec()`` and ``params()`` of an action-point method that wraps nothing (prefill and sequence methods)."""
+
+    def spec(self) -> str:
+        return Method.spec(self)  # type: ignore[arg-type]
+
+    def params(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    def _plain_params(self) -> dict:
+        return self.params()
+
+
 @dataclass
-class PrefillMethod(Hyperparameters):
+class PrefillMethod(_Standalone):
     """The attention-compute action point: how one layer's attention is computed for a prefill pass.
 
     Subclasses are dataclasses of hyperparameters implementing :meth:`attend`. The core calls it for passes of more
@@ -439,18 +452,9 @@ class PrefillMethod(Hyperparameters):
         """Attention output ``(B, q, Hq, D)`` for ``call`` (see :class:`~kvsieve.attention.AttentionCall`)."""
         raise NotImplementedError
 
-    def spec(self) -> str:
-        return Method.spec(self)  # type: ignore[arg-type]
-
-    def params(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
-
-    def _plain_params(self) -> dict:
-        return self.params()
-
 
 @dataclass
-class SequenceMethod(Hyperparameters):
+class SequenceMethod(_Standalone):
     """The sequence action point: which tokens' hidden states go on past decoder layer ``layer`` in a prefill pass.
 
     At layer ``layer`` the core computes the statistics of :meth:`attention_request` for this pass's queries, calls
@@ -485,15 +489,6 @@ class SequenceMethod(Hyperparameters):
         scores[:, -1] = float("inf")
         k = self.n_keep(scores.shape[-1])
         return scores.topk(k, dim=-1).indices.sort(dim=-1).values
-
-    def spec(self) -> str:
-        return Method.spec(self)  # type: ignore[arg-type]
-
-    def params(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
-
-    def _plain_params(self) -> dict:
-        return self.params()
 
 
 def top_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
