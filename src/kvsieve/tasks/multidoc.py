@@ -13,7 +13,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvsieve.tasks.base import CONTEXT_END, Needles, Sample, Task, TaskError, _verify, fit_length, sample_rng
+from kvsieve.tasks.base import (
+    CONTEXT_END,
+    HaystackTask,
+    Needles,
+    Sample,
+    Task,
+    TaskError,
+    _verify,
+    count_tokens,
+    fit_length,
+    sample_rng,
+)
 from kvsieve.tasks.haystack import haystack_index
 from kvsieve.tasks.qa import QATask
 
@@ -49,7 +60,7 @@ class MultiDocQATask(Task):
         depth = 50.0 if depth is None else depth
         gold_at = self.gold_position(depth)
         starts = [hay.start_offset(rng) for _ in range(self.n_documents)]
-        for _ in range(64):
+        for _ in range(HaystackTask.max_attempts):
             drawn = self._facts.draw(rng, 50.0, hay)
             facts = [s for s, _ in drawn.needles]
             order = [*facts[1 : gold_at + 1], facts[0], *facts[gold_at + 1 :]]
@@ -68,7 +79,7 @@ class MultiDocQATask(Task):
                 return text, spans, fact_at
 
             def measure(h: int, spec: Needles = spec) -> int:
-                return len(tokenizer(build(h)[0] + spec.question, add_special_tokens=False).input_ids)
+                return count_tokens(tokenizer, build(h)[0] + spec.question)
 
             base = measure(0)
             n = self.n_documents
@@ -77,7 +88,7 @@ class MultiDocQATask(Task):
             if _verify(context, spec):
                 break
         else:
-            raise TaskError(f"{self.name}: no collision-free draw in 64 attempts")
+            raise TaskError(f"{self.name}: no collision-free draw in {HaystackTask.max_attempts} attempts")
         meta = {
             "expected_occurrences": {a: spec.expected[a] for a in spec.answers},
             "checked_occurrences": dict(spec.expected),
