@@ -44,8 +44,9 @@ def _names(text: str) -> list[str]:
 
 PRESET_HELP = (
     "named run, defaults for --samples (explicit flags win): quick = the default run, 2 samples per task "
-    "(3 min 42 s measured on 2 CPU cores); standard = 20 samples per task, needles spread over depths 0-100%% "
-    "(about 37 min on 2 CPU cores: 10x quick's samples at quick's measured cost per sample; not run whole)"
+    "(3 min 42 s and 4 min 59 s measured in two idle runs on 2 CPU cores); standard = 20 samples per task, needles "
+    "spread over depths 0-100%% (about 37-50 min on 2 CPU cores: 10x quick's samples at quick's measured cost per "
+    "sample; not run whole)"
 )
 
 
@@ -62,7 +63,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Runs every method at every budget on generated long-context tasks, appends one row per sample to "
         "OUT/results.jsonl (a rerun skips rows already there; rows are written whole and synced, so a crash costs "
         "only unfinished rows), prints a summary table and writes OUT/report.html. The defaults are the project's "
-        "main job, --preset quick (3 min 42 s measured on 2 CPU cores): one shared prefill per sample, then each "
+        "main job, --preset quick (about 4-5 min on 2 CPU cores): one shared prefill per sample, then each "
         "method's cache and a greedy answer that stops once the score is settled.",
     )
     b.add_argument("--preset", choices=list(PRESETS), default="quick", help=PRESET_HELP + " (default: %(default)s)")
