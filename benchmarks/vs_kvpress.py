@@ -91,6 +91,8 @@ PAIRS: dict[str, tuple[str, str, str]] = {
     "non_causal_attention": ("non_causal_attention", "ratio", "NonCausalAttnPress(compression_ratio={r})"),
     "kvzip": ("kvzip", "ratio", "KVzipPress(compression_ratio={r})"),
     "kvzip_plus": ("kvzip_plus", "ratio", "KVzipPress(compression_ratio={r}, kvzip_plus_normalization=True)"),
+    "kvgrad": ("kvgrad", "ratio", "KVgradPress(compression_ratio={r})"),
+    "kvcompose": ("kvcompose", "ratio", "KVComposePress(compression_ratio={r})"),
     "criticalkv": (f"criticalkv:{SNAP}", "ratio", "CriticalKVPress(SnapKVPress(compression_ratio={r}))"),
     "critical_adakv": (f"critical_adakv:{SNAP}", "ratio", "CriticalAdaKVPress(SnapKVPress(compression_ratio={r}))"),
     "chunkkv": (f"chunkkv:{SNAP}", "ratio", "ChunkKVPress(SnapKVPress(compression_ratio={r}))"),
