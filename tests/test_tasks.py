@@ -39,6 +39,7 @@ ALL_TASKS = [
     "multi_number",
     "multidoc_qa",
 ]
+IMAGE_TASKS = ["image_text", "image_objects", "image_needle", "image_document"]  # tests/test_image_tasks.py
 DEPTH_TASKS = [name for name in ALL_TASKS if TASKS[name].uses_depth]
 
 
@@ -64,8 +65,8 @@ def generate(tok: Any, name: str, length: int, n: int = 3, seed: int = 0, **kw: 
 
 
 def test_registry() -> None:
-    assert list(TASKS) == ALL_TASKS
-    assert [t.name for t in list_tasks()] == ALL_TASKS
+    assert list(TASKS) == ALL_TASKS + IMAGE_TASKS
+    assert [t.name for t in list_tasks()] == ALL_TASKS + IMAGE_TASKS
     assert set(DEFAULT_TASK_MIX) <= set(TASKS)
     for name, task in TASKS.items():
         assert get_task(name) is task

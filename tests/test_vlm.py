@@ -203,9 +203,12 @@ def test_bad_input_is_refused_before_any_work():
         pass
     with pytest.raises(KVSieveError, match=r"keep must be > 0\.0"):
         Sieve("full", sequence="hiprune(keep=0.0)")
-    qwen25, _ = make_vlm("qwen2_5_vl")
-    with pytest.raises(UnsupportedModelError, match="before the LLM"), Sieve("full", sequence="hiprune").attach(qwen25):
-        pass
+    from kvsieve import build
+    from kvsieve.vision import adapter_for
+
+    unknown = SimpleNamespace(config=SimpleNamespace(model_type="some_vlm", vision_config=object()))
+    with pytest.raises(UnsupportedModelError, match="before the LLM"):  # a VLM with no pre-LLM adapter
+        adapter_for(unknown, build("hiprune"))
     qwen2, make_q = make_vlm("qwen2_vl")
     with (
         pytest.raises(UnsupportedModelError, match=r"no \[CLS\]"),

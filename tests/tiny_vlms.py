@@ -24,6 +24,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 VOCAB = 128
@@ -96,12 +98,19 @@ def llava_next() -> tuple[torch.nn.Module, Callable]:
     return model, make_inputs
 
 
-def _qwen(cls, config_cls, **vision_extra) -> tuple[torch.nn.Module, Callable]:
-    text = {**TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=4, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3, **vision_extra)  # fmt: skip
-    config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=101,
-                        vision_start_token_id=102, vision_end_token_id=103, bos_token_id=1, eos_token_id=2)  # fmt: skip
+def _qwen(cls, config_cls, vocab: int = VOCAB, tokens: tuple[int, int, int, int] | None = None,
+          vision_base: dict | None = None, **vision_extra) -> tuple[torch.nn.Module, Callable]:  # fmt: skip
+    """``vocab``/``tokens`` (image, video, vision start, vision end ids): to pair the model with a real tokenizer
+    (``make_inputs`` uses the defaults). ``vision_base``: replaces the Qwen2-VL vision fields."""
+    image, video, start, end = tokens or (IMAGE_TOKEN, 101, 102, 103)
+    text = {**TEXT, "vocab_size": vocab,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}  # fmt: skip
+    vision = vision_base or dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4)
+    vision = dict(**vision, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  **vision_extra)  # fmt: skip
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
+                        vision_start_token_id=start, vision_end_token_id=end, bos_token_id=1,
+                        eos_token_id=2)  # fmt: skip
     model = _build(cls, config)
 
     def make_inputs(n_images: int = 1, text_before: int = 5, text_after: int = 6, seed: int = 0) -> dict:
@@ -125,15 +134,30 @@ def _qwen(cls, config_cls, **vision_extra) -> tuple[torch.nn.Module, Callable]:
     return model, make_inputs
 
 
-def qwen2_vl() -> tuple[torch.nn.Module, Callable]:
+def qwen2_vl(vocab: int = VOCAB, tokens: tuple[int, int, int, int] | None = None) -> tuple[torch.nn.Module, Callable]:
     """Qwen2-VL: ViT with 2D RoPE, 2x2 patch merger, M-RoPE (temporal/height/width) positions in the LLM."""
-    return _qwen(Qwen2VLForConditionalGeneration, Qwen2VLConfig)
+    return _qwen(Qwen2VLForConditionalGeneration, Qwen2VLConfig, vocab, tokens)
 
 
-def qwen2_5_vl() -> tuple[torch.nn.Module, Callable]:
-    """Qwen2.5-VL: windowed attention in the ViT (full attention in the listed blocks), M-RoPE in the LLM."""
-    return _qwen(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, intermediate_size=48, out_hidden_size=64,
-                 window_size=16, fullatt_block_indexes=[1])  # fmt: skip
+def qwen2_5_vl(window_size: int = 16, fullatt_block_indexes: tuple[int, ...] = (1,),
+               depth: int = 2) -> tuple[torch.nn.Module, Callable]:  # fmt: skip
+    """Qwen2.5-VL: windowed attention in the ViT (full attention in the listed blocks), M-RoPE in the LLM.
+
+    The default ``window_size`` 16 (pixels) is 2 x 2 merged tokens: the 4 x 4 merged tokens of an 8 x 8-patch image
+    fall into windows of up to 4 tokens, so the tower's window order differs from the image's row-major order. A
+    ``window_size`` of 64 or more puts each image in one window (the window order is then the original order)."""
+    return _qwen(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, VOCAB, None,
+                 dict(depth=depth, hidden_size=64, num_heads=4), intermediate_size=48, out_hidden_size=64,
+                 window_size=window_size, fullatt_block_indexes=list(fullatt_block_indexes))  # fmt: skip
+
+
+def qwen3_vl() -> tuple[torch.nn.Module, Callable]:
+    """Qwen3-VL (DeepStack features from encoder layer 0, interleaved M-RoPE): kvsieve refuses it (not in
+    ``VLMS``); built to test the refusal."""
+    model, make = _qwen(Qwen3VLForConditionalGeneration, Qwen3VLConfig, VOCAB, None,
+                        dict(depth=2, hidden_size=32, num_heads=4), intermediate_size=48, out_hidden_size=64,
+                        num_position_embeddings=64, deepstack_visual_indexes=[0])  # fmt: skip
+    return model, make
 
 
 def idefics3() -> tuple[torch.nn.Module, Callable]:

@@ -31,7 +31,7 @@ from ..errors import BudgetError, ContextLengthError, KVSieveError
 from ..methods import Method, build
 from ..sieve import Sieve
 from ..snapshot import shareable
-from ..tasks import DEFAULT_TASK_MIX, Sample, get_task
+from ..tasks import DEFAULT_TASK_MIX, ImageTask, Sample, get_task
 from .defaults import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, HEADROOM, PRESETS
 from .results import Recovery, ResultsFile, prepare_out_dir
 from .units import TURN_MODES, Conversation, Job, RunInfo, UnitRunner, WorkUnit, versions
@@ -138,6 +138,36 @@ class BenchConfig:
         return [{"compression": c} for c in self.compressions] + [{"budget": b} for b in self.budgets]
 
 
+def check_image_tasks(config: BenchConfig, model=None) -> None:
+    """Image tasks need a vision-language model, and a prefill that sees the images (no method that re-reads the
+    context after the prefill): a one-line error before any weights are loaded."""
+    images = [name for name in config.tasks if isinstance(get_task(name), ImageTask)]
+    if not images:
+        return
+    from ..models import EMBEDDED_MODELS, is_vision_language, load_config
+    from ..reconstruction import post_prefill_method
+
+    if model is not None:
+        vision = is_vision_language(model.config)
+    elif config.model in EMBEDDED_MODELS:
+        vision = False
+    else:
+        try:
+            vision = is_vision_language(load_config(config.model))
+        except KVSieveError:
+            vision = True  # an unreachable config is reported by load_model, with its own message
+    if not vision:
+        raise KVSieveError(
+            f"{', '.join(images)} {'needs' if len(images) == 1 else 'need'} a vision-language model and "
+            f"{config.model} is a text model; pass --model with "
+            "an image-text-to-text model id or directory (e.g. llava-hf/llava-1.5-7b-hf), or drop the image tasks"
+        )
+    for spec in config.methods:
+        if post_prefill_method(build(spec)) is not None:
+            raise KVSieveError(f"{spec} re-reads the context after the prefill, which kvsieve does not do with images; "
+                               "run it on text tasks only")  # fmt: skip
+
+
 def model_window(name: str) -> int | None:
     """The context window of model ``name`` read from its config alone (no weights); None when unknown here.
 
@@ -203,12 +233,17 @@ class Runner:
     """Runs a :class:`BenchConfig`, appending rows to ``out/results.jsonl``.
 
     ``model``/``tokenizer``: an already loaded model (tests, notebooks); otherwise ``loader`` (default: load
-    ``config.model``) loads it, here on the first serial run, or once per Ray worker.
+    ``config.model``) loads it, here on the first serial run, or once per Ray worker. ``processor``: a
+    vision-language model's processor for image tasks (default: loaded from ``config.model`` when needed).
     """
 
-    def __init__(self, config: BenchConfig, model=None, tokenizer=None, loader: ModelLoader | None = None):
+    def __init__(
+        self, config: BenchConfig, model=None, tokenizer=None, loader: ModelLoader | None = None, processor=None
+    ):
         window = getattr(model.config.get_text_config(), "max_position_embeddings", None) if model is not None else None
         config.validate(window=window if window is not None else model_window(config.model))
+        check_image_tasks(config, model)
+        self.processor = processor
         self.config = config
         self.out = prepare_out_dir(config.out)
         self.file = ResultsFile(self.out / "results.jsonl")
@@ -258,6 +293,7 @@ class Runner:
                                     continue
                                 # a prefill or sequence method changes the prefill itself: it cannot be shared
                                 can_share = self.config.shared_prefill and shareable(method) and not axes
+                                can_share = can_share and not isinstance(get_task(sample.task), ImageTask)
                                 (shared if can_share else own).append(job)
                 if shared:
                     units.append(WorkUnit(length, index, sample, mode, shared, shared=True))
@@ -301,7 +337,7 @@ class Runner:
         if ray is None:
             if self.model is None:
                 self.model, _ = self.loader("cpu")
-            unit_runner = UnitRunner(self.model, self.tokenizer, self.info)
+            unit_runner = UnitRunner(self.model, self.tokenizer, self.info, self.processor)
             for unit in units:
                 for row in unit_runner.run(unit):
                     take(row)

@@ -14,6 +14,10 @@ Multi-question samples (``Sample.followups``) are compressed once and asked ever
 In ``aware`` mode the first question is part of the compressed prefill; later questions are then new turns of the
 conversation (``multiturn``), or, ``independent``, each question is compressed with its own copy of the context (as
 kvpress's query-aware evaluation does).
+
+Image tasks (:class:`~kvsieve.tasks.ImageTask`) go through the model's processor (:class:`ImageConversation`): the
+images open the user turn, the processor expands their placeholders into image tokens and returns the pixel inputs,
+and the prefill passes those to the model, so a sequence method (pre-LLM or in-LLM) prunes real image tokens.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ import transformers
 
 import kvsieve
 
+from ..compat import cache_kwargs
 from ..errors import KVSieveError
 from ..methods import build
 from ..sequence import protect
 from ..sieve import Sieve
 from ..snapshot import PrefillSnapshot, shareable
-from ..tasks import Sample, get_task
+from ..tasks import ImageTask, Sample, get_task
 
 TURN_MODES = ("independent", "multiturn")
 
@@ -140,17 +145,78 @@ class Conversation:
         return torch.cat([self.ids(text[end + len(last) :]), self.prefix(question)], dim=1)
 
 
-class UnitRunner:
-    """Runs work units on one loaded model; yields one row per question of every job."""
+class ImageConversation(Conversation):
+    """An image task's prompt under a vision-language model's processor: the sample's images open the first user turn
+    (one image placeholder each, as the processor's chat template writes them), then the text.
 
-    def __init__(self, model, tokenizer, info: RunInfo):
+    :meth:`first_turn` returns the processed context ids (image placeholders expanded into the model's image tokens)
+    and keeps the processor's other outputs (``pixel_values``, ``image_grid_thw``, ``image_sizes``, ...) in
+    :attr:`extras` for the prefill."""
+
+    def __init__(self, processor, sample: Sample):
+        super().__init__(getattr(processor, "tokenizer", processor), sample)
+        self.processor = processor
+        self.images = get_task(sample.task).images(sample)
+        self.chat = bool(getattr(processor, "chat_template", None))
+        self.extras: dict = {}
+
+    def render(self, turns: list[tuple[str, str]], generation_prompt: bool = True) -> str:
+        if self.chat:
+            messages = []
+            for n, (role, content) in enumerate(turns):
+                parts = [{"type": "image"} for _ in self.images] if n == 0 else []
+                messages.append({"role": role, "content": [*parts, {"type": "text", "text": content}]})
+            return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        placeholder = getattr(self.processor, "image_token", None) or "<image>"
+        return "".join(placeholder + "\n" for _ in self.images) + super().render(turns, generation_prompt)
+
+    def first_turn(self, question: int) -> tuple[torch.Tensor, torch.Tensor]:
+        asked = self.sample.for_question(question)
+        text = self.render([("user", self.sample.context + asked.question)])
+        cut = text.rindex(asked.question)
+        # one prompt with its list of images (the nesting every processor reads as "these images go with this text")
+        inputs = self.processor(images=[self.images], text=[text[:cut]], add_special_tokens=False, return_tensors="pt")
+        inputs = dict(inputs)
+        context = inputs.pop("input_ids")
+        inputs.pop("attention_mask", None)  # one unpadded prompt
+        self.extras = inputs
+        return context, self.ids(text[cut:])
+
+    def next_turn(self, history: list[str], question: int) -> torch.Tensor:
+        raise KVSieveError("image tasks ask one question per sample; multi-turn image prompts are not supported")
+
+
+def image_token_id(model) -> int | None:
+    config = model.config
+    found = getattr(config, "image_token_id", None)
+    return found if found is not None else getattr(config, "image_token_index", None)
+
+
+class UnitRunner:
+    """Runs work units on one loaded model; yields one row per question of every job.
+
+    ``processor``: the vision-language model's processor for image tasks (None: loaded from ``info.model`` when the
+    first image sample comes, so Ray workers need nothing more than the model loader)."""
+
+    def __init__(self, model, tokenizer, info: RunInfo, processor=None):
         self.model, self.tokenizer, self.info = model, tokenizer, info
+        self.processor = processor
         self.device = next(model.parameters()).device
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos = set(eos) if isinstance(eos, (list, tuple, set)) else {int(eos)}
 
+    def _processor(self):
+        if self.processor is None:
+            from ..models import load_processor
+
+            self.processor = load_processor(self.info.model)
+        return self.processor
+
     def run(self, unit: WorkUnit) -> Iterator[dict]:
-        talk = Conversation(self.tokenizer, unit.sample)
+        if isinstance(get_task(unit.sample.task), ImageTask):
+            talk: Conversation = ImageConversation(self._processor(), unit.sample)
+        else:
+            talk = Conversation(self.tokenizer, unit.sample)
         planned = [
             (ep, job) for job in unit.jobs for ep in _episodes(unit.mode, job.turn_mode, unit.sample.n_questions)
         ]
@@ -160,15 +226,24 @@ class UnitRunner:
             prefill_ids = context if key[0] == "context" else torch.cat([context, question], dim=1)
             prefill_ids = prefill_ids.to(self.device)
             here = [(ep, job) for ep, job in planned if ep.key == key]
+            extras = getattr(talk, "extras", {})
             snapshot = None
-            if unit.shared:
+            if unit.shared and not extras:
                 methods = [m for _, job in here if shareable(m := build(job.method))]
                 snapshot = PrefillSnapshot(self.model, prefill_ids, methods) if methods else None
             for ep, job in here:
-                yield from self._job(unit, talk, ep, job, prefill_ids, snapshot, context.shape[1])
+                yield from self._job(unit, talk, ep, job, prefill_ids, snapshot, context.shape[1], extras)
 
     def _job(
-        self, unit: WorkUnit, talk: Conversation, ep: _Episode, job: Job, prefill_ids, snapshot, n_context: int
+        self,
+        unit: WorkUnit,
+        talk: Conversation,
+        ep: _Episode,
+        job: Job,
+        prefill_ids,
+        snapshot,
+        n_context: int,
+        extras: dict | None = None,
     ) -> Iterator[dict]:
         method = build(job.method)
         sieve = Sieve(method, **job.budget, prefill=job.prefill, sequence=job.sequence)
@@ -185,7 +260,10 @@ class UnitRunner:
                     prunable = torch.zeros(prefill_ids.shape, dtype=torch.bool, device=prefill_ids.device)
                     prunable[:, :n_context] = True
                     protect(cache, prunable)
-                logits = kvsieve.prefill(self.model, prefill_ids, cache, tokenizer=self.tokenizer)
+                if extras:
+                    logits = self._prefill_images(cache, prefill_ids, extras, n_context)
+                else:
+                    logits = kvsieve.prefill(self.model, prefill_ids, cache, tokenizer=self.tokenizer)
                 prefill_seconds = time.perf_counter() - t0
             kv_bytes, kv_tokens = cache.kv_bytes(), _mean_tokens(cache)
             history: list[str] = []
@@ -217,7 +295,33 @@ class UnitRunner:
                     stats=cache.stats(),  # what the methods reported, e.g. a sparse prefill's attention density
                     timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
                 )
+                if isinstance(talk, ImageConversation):
+                    token = image_token_id(self.model)
+                    row.update(
+                        images=len(talk.images),
+                        image_tokens=int((prefill_ids == token).sum()) if token is not None else None,
+                    )
                 yield row
+
+    @torch.no_grad()
+    def _prefill_images(self, cache, prefill_ids: torch.Tensor, extras: dict, n_context: int) -> torch.Tensor:
+        """One forward pass of the prompt with the processor's image inputs; the last position's logits."""
+        n = prefill_ids.shape[1]
+        kwargs = {}
+        for name, value in extras.items():
+            if not isinstance(value, torch.Tensor):
+                kwargs[name] = value
+                continue
+            value = value.to(self.device)
+            if value.is_floating_point():
+                value = value.to(self.model.dtype)
+            if value.ndim == 2 and value.shape == (1, n_context) and n > n_context:  # per-token (token types)
+                value = torch.cat([value, value.new_zeros(1, n - n_context)], dim=1)  # the question is text
+            kwargs[name] = value
+        out = self.model(
+            input_ids=prefill_ids, **kwargs, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1
+        )
+        return out.logits[:, -1]
 
     @torch.no_grad()
     def _answer(self, cache, follow: torch.Tensor, logits: torch.Tensor, sample: Sample):

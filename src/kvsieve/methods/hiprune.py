@@ -53,7 +53,8 @@ class HiPrune(VisionPruner):
     needs = "vision encoder attention at a middle and at the output layer"
     simplifications = (
         "attention received (averaged over queries and heads) pooled onto the LLM's tokens; buffers are the 4 grid "
-        "neighbours of each anchor, taken anchor by anchor"
+        "neighbours of each anchor, taken anchor by anchor; on Qwen2.5-VL each of the two layers is read at the "
+        "nearest full-attention encoder block (its windowed blocks never attend over the whole image)"
     )
 
     def _object(self, n: int) -> int:

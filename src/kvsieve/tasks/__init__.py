@@ -53,6 +53,7 @@ from kvsieve.tasks.base import (
     string_match_all,
 )
 from kvsieve.tasks.haystack import HAYSTACKS, HaystackNotFoundError, UnknownHaystackError, load_haystack
+from kvsieve.tasks.image import IMAGE_TASKS, ImageTask
 from kvsieve.tasks.multidoc import MultiDocQATask
 from kvsieve.tasks.niah import MultiNumberTask, MultiPasskeyTask, NIAHTask, PasskeyTask
 from kvsieve.tasks.qa import QATask
@@ -68,6 +69,7 @@ __all__ = [
     "FrequentWordsTask",
     "HaystackNotFoundError",
     "HaystackTask",
+    "ImageTask",
     "MultiNumberTask",
     "MultiPasskeyTask",
     "NIAHTask",
@@ -122,6 +124,7 @@ def _build() -> dict[str, Task]:
         MultiPasskeyTask(),
         MultiNumberTask(),
         MultiDocQATask(),
+        *IMAGE_TASKS,  # image_text, image_objects, image_needle, image_document (vision-language models)
     ]
     return {t.name: t for t in tasks}
 
