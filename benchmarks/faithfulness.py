@@ -34,6 +34,7 @@ from kvsieve.explain.attribution import ATTRIBUTIONS, attribute
 from kvsieve.explain.faithfulness import measure
 from kvsieve.explain.problem import Problem
 from kvsieve.explain.report import faithfulness_section, page
+from kvsieve.explain.scorer import share_prefill
 from kvsieve.methods import build, list_methods
 from kvsieve.snapshot import shareable
 from kvsieve.tasks import get_task, load_haystack
@@ -79,6 +80,29 @@ def examples(tokenizer, tasks: list[str], samples: int, natural: int, length: in
         yield f"natural#{i}", torch.tensor([chunk[:length]]), torch.tensor([chunk[length:]])
 
 
+def resume(log: Path, header: dict) -> list[dict]:
+    """The examples already measured in ``log`` by a run with the same settings (written one line each as they
+    finish); a new log with ``header`` as its first line when there is none. SystemExit when ``log`` belongs to a run
+    with other settings, so its results are never mixed or overwritten."""
+    header = json.loads(json.dumps(header))  # as it reads back (tuples become lists)
+    if not log.exists():
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(json.dumps({"header": header}) + "\n")
+        return []
+    lines = []
+    for text in log.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:  # the line a crash cut short: that example runs again
+            break
+    if not lines or lines[0].get("header") != header:
+        raise SystemExit(
+            f"error: {log} holds results of a run with other settings; pass another --out, or delete it to start over"
+        )
+    print(f"resuming: {len(lines) - 1} examples already measured in {log}", flush=True)
+    return lines[1:]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -87,21 +111,35 @@ def main() -> None:
     p.add_argument("--natural", type=int, default=5, help="natural-text passages (default 5)")
     p.add_argument("--length", type=int, default=256, help="prompt tokens of each task sample / passage")
     p.add_argument("--steps", type=int, default=3, help="target tokens explained per example (default 3)")
-    p.add_argument("--methods", default=None, help="comma-separated; default every attribution and cache method")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated; `cache` stands for every evicting cache method; default: every attribution method "
+        "and `cache`. ReAGent's and integrated gradients' defaults cost minutes per target token on a CPU at 256 "
+        "tokens: e.g. reagent(num_probes=4, max_steps=20) and integrated_gradients(n_steps=16) cut that",
+    )
     p.add_argument("--shares", default="0.1,0.25,0.5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("faithfulness-out"))
     args = p.parse_args()
     from kvsieve.explain.cli import _names
 
-    names = _names(args.methods) if args.methods else [*ATTRIBUTION_DEFAULTS, *cache_methods()]
+    asked = _names(args.methods) if args.methods else [*ATTRIBUTION_DEFAULTS, "cache"]
+    names = [m for n in asked for m in (cache_methods() if n == "cache" else [n])]
     shares = [float(x) for x in args.shares.split(",")]
     model, tok = load_model(args.model)
-    per_example, seconds = [], {n: [] for n in names}
-    t0 = time.perf_counter()
     tasks = [t for t in args.tasks.split(",") if t]
+    log = args.out / "examples.jsonl"
+    per_example = resume(log, {k: v for k, v in vars(args).items() if k != "out"} | {"methods": names})
+    seconds = {n: [e["seconds"][n] for e in per_example if n in e["seconds"]] for n in names}
+    done = {e["source"] for e in per_example}
+    t0 = time.perf_counter()
     for source, ids, target in examples(tok, tasks, args.samples, args.natural, args.length, args.steps, args.seed):
+        if source in done:
+            continue
         problem = Problem(model, tok, torch.cat([ids, target], dim=1), ids.shape[1], seed=args.seed)
+        # one prefill for every cache method (each replays it); a method it cannot serve is dropped below
+        share_prefill(problem, [n[len("method:") :] for n in names if n.startswith("method:")])
         scores = {}
         for name in list(names):
             try:
@@ -118,7 +156,10 @@ def main() -> None:
                 continue
             seconds[name].append(info["seconds"])
         f = measure(problem, scores, shares=shares)
-        per_example.append({"source": source, **f})
+        row = {"source": source, **f, "seconds": {n: seconds[n][-1] for n in scores}}
+        per_example.append(row)
+        with log.open("a") as fh:  # one line per example, flushed: a crash loses at most the example in flight
+            fh.write(json.dumps(row) + "\n")
         print(f"{source}: {len(problem.tokens())} tokens, p(target) {f['p_full']:.3f} "
               f"({time.perf_counter() - t0:.0f} s so far)", flush=True)  # fmt: skip
     methods = list(per_example[0]["methods"])
@@ -143,7 +184,6 @@ def main() -> None:
         secs = statistics.fmean(seconds[m]) if seconds.get(m) else 0.0
         print(f"{m:34s}" + "".join(f" {row['comprehensiveness'][k]:10.4f}" for k in keys)
               + "".join(f" {row['sufficiency'][k]:10.4f}" for k in keys) + f"  {secs:9.2f}")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     data = {
         "model": args.model,
         "examples": per_example,

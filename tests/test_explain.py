@@ -4,6 +4,7 @@ faithfulness metrics by hand; JSON and HTML; the CLI; and every bad input as a o
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,77 @@ def test_faithfulness_by_hand(problem) -> None:
     assert m["comprehensiveness"]["0.25"] == pytest.approx(sum(comp) / len(comp), abs=1e-6)
     assert m["sufficiency"]["0.25"] == pytest.approx(sum(suff) / len(suff), abs=1e-6)
     assert "random" in got["methods"]
+
+
+def test_batched_faithfulness_equals_one_pass_per_step(tiny) -> None:
+    """measure() runs each distinct perturbed prompt once, in batches, for every step: equal (to float rounding) to
+    one forward pass per (method, share, step), at a realistic prompt length."""
+    model, tok = tiny
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, tok.vocab_size, (1, 303), generator=gen)
+    problem = Problem(model, tok, ids, n_prompt=300, seed=1)
+    n = problem.n_prompt
+    scores = {}
+    for name in ("a", "b", "c"):
+        s = problem.empty_scores()
+        for t in range(problem.n_steps):
+            s[t, : n + t] = torch.rand(n + t, generator=gen, dtype=torch.float64)
+        scores[name] = s
+    scores["a_again"] = scores["a"].clone()  # identical masks share one sequence
+    shares = [0.1, 0.5]
+    got = measure(problem, scores, shares=shares, batch=3)
+    p_full = problem.target_probs()
+    with torch.no_grad():
+        for name, s in scores.items():
+            for share in shares:
+                k = n_tokens(share, n)
+                comp, suff = [], []
+                for t in range(problem.n_steps):
+                    top = torch.zeros(n, dtype=torch.bool)
+                    top[s[t, :n].argsort(descending=True, stable=True)[:k]] = True
+                    tail = problem.ids[0, n : n + t]
+
+                    def prob(keep, tail=tail, t=t):
+                        seq = torch.cat([problem.ids[0, :n][keep], tail])[None]
+                        return float(model(input_ids=seq).logits[0, -1].softmax(-1)[problem.targets[t]])
+
+                    comp.append(float(p_full[t]) - prob(~top))
+                    suff.append(float(p_full[t]) - prob(top))
+                m = got["methods"][name]
+                assert m["comprehensiveness"][f"{share:g}"] == pytest.approx(sum(comp) / 3, abs=1e-5), (name, share)
+                assert m["sufficiency"][f"{share:g}"] == pytest.approx(sum(suff) / 3, abs=1e-5), (name, share)
+
+
+def test_shared_prefill_scores_equal_own_prefill_for_every_cache_method(tiny) -> None:
+    """share_prefill runs one prefill for all method:<spec> scorers; each one's scores equal those of its own
+    prefill bit for bit, for every evicting cache method a plain prefill can score, at a realistic length."""
+    from kvsieve.explain.scorer import SNAPSHOT, method_scores, share_prefill
+    from kvsieve.methods import build, list_methods
+    from kvsieve.snapshot import shareable
+
+    model, tok = tiny
+    ids = torch.randint(5, tok.vocab_size, (1, 302), generator=torch.Generator().manual_seed(2))
+    specs = []
+    for cls in list_methods("cache"):
+        try:
+            method = build(cls.name)
+        except KVSieveError:  # needs arguments (wrappers, profiles): not in the default faithfulness list either
+            continue
+        if method.evicts and shareable(method) and method.kind == "evict":
+            specs.append(cls.name)
+    assert len(specs) > 20
+    shared = Problem(model, tok, ids, n_prompt=300)
+    share_prefill(shared, specs)
+    assert SNAPSHOT in shared._cache
+    own = Problem(model, tok, ids, n_prompt=300)
+    for spec in specs:
+        try:
+            expected = method_scores(own, spec)
+        except KVSieveError as err:  # e.g. finch without a question window: the shared path must refuse alike
+            with pytest.raises(KVSieveError, match=re.escape(str(err)[:40])):
+                method_scores(shared, spec)
+            continue
+        torch.testing.assert_close(method_scores(shared, spec), expected, rtol=0, atol=0, equal_nan=True, msg=spec)
 
 
 def test_generated_target_and_outputs(tiny, tmp_path: Path) -> None:

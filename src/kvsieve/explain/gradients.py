@@ -4,8 +4,11 @@
 They follow inseq's defaults (which run Captum's implementations), so that ``benchmarks/vs_inseq.py`` can compare
 the scores one to one: the attributed function is the target token's softmax probability, the gradient is taken
 with respect to the input embeddings (``model.get_input_embeddings()``), and a token's score is the L2 norm of its
-embedding-sized attribution vector. Integrated gradients uses a zero-embedding baseline and Gauss-Legendre
-quadrature over ``n_steps`` points (Captum's default method).
+embedding-sized attribution vector (inseq's ``vnorm`` aggregation; inseq's default view then also divides each step's
+scores by their sum, which changes no ranking). Integrated gradients uses Gauss-Legendre quadrature over ``n_steps``
+points (Captum's default method) and, by default, a zero-embedding baseline (Captum's default). inseq's default
+baseline differs: the embedding of the tokenizer's UNK token at every position except EOS tokens, which keep their
+own; pass ``baseline=`` (the baseline's embeddings) to reproduce it, as ``benchmarks/vs_inseq.py`` does.
 
 The model is causal, so one forward pass over prompt + target serves every step: the probability of target ``t``
 depends only on the tokens before it, and its gradient is taken with one backward pass of that position alone.
@@ -69,17 +72,22 @@ def input_x_gradient(problem: Problem) -> torch.Tensor:
     return _to_scores(problem, grads * embeds[0])
 
 
-def integrated_gradients(problem: Problem, n_steps: int = 50, batch: int = 10) -> torch.Tensor:
-    """(embedding - 0) x the path integral of the gradient from the zero baseline (Sundararajan et al. 2017), with
-    Gauss-Legendre quadrature over ``n_steps`` points; an L2 norm per token."""
+def integrated_gradients(
+    problem: Problem, n_steps: int = 50, batch: int = 10, baseline: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(embedding - baseline) x the path integral of the gradient from the baseline to the embedding (Sundararajan
+    et al. 2017), with Gauss-Legendre quadrature over ``n_steps`` points; an L2 norm per token. ``baseline``: the
+    baseline's embeddings ``(N, D)`` (one row per token of prompt + target); zeros when None."""
     check_gradients(problem.model, "integrated_gradients")
     embeds = _embeds(problem)
+    base = torch.zeros_like(embeds) if baseline is None else baseline.detach().to(embeds.dtype).reshape(embeds.shape)
+    delta = embeds - base
     nodes, weights = np.polynomial.legendre.leggauss(n_steps)
     alphas = torch.tensor(0.5 * (nodes + 1.0), dtype=embeds.dtype)
     w = torch.tensor(0.5 * weights, dtype=torch.float64)
     total = torch.zeros((problem.n_steps, *embeds.shape[1:]), dtype=torch.float64)
     for start in range(0, n_steps, batch):
         a = alphas[start : start + batch]
-        grads = _per_step_grads(problem, a[:, None, None] * embeds)  # (S, b, N, D)
+        grads = _per_step_grads(problem, base + a[:, None, None] * delta)  # (S, b, N, D)
         total += (grads.double() * w[start : start + batch, None, None]).sum(dim=1)
-    return _to_scores(problem, total * embeds[0].double())
+    return _to_scores(problem, total * delta[0].double())

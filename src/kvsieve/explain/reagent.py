@@ -71,7 +71,7 @@ def reagent(
         target = int(problem.targets[t])
         gen = torch.Generator().manual_seed(problem.seed * 100_003 + t)
         proposals = _proposals(replacer, context, vocab)
-        p_orig = model(input_ids=context, use_cache=False).logits[0, -1].float().softmax(-1)[target]
+        p_orig = model(input_ids=context, use_cache=False, logits_to_keep=1).logits[0, -1].float().softmax(-1)[target]
         b = cfg.num_probes
         logit_imp = torch.rand((b, n), generator=gen, dtype=torch.float64)
         stopped = torch.zeros(b, dtype=torch.bool)
@@ -88,7 +88,8 @@ def reagent(
             keep = torch.zeros((b, n), dtype=torch.bool).scatter_(1, top, True)
             sampled_stop = torch.multinomial(proposals, b, replacement=True, generator=gen).T
             rational = torch.where(keep, context.expand(b, n), sampled_stop)
-            logits = model(input_ids=torch.cat([probe, rational]), use_cache=False).logits[:, -1].float()
+            logits = model(input_ids=torch.cat([probe, rational]), use_cache=False, logits_to_keep=1).logits[:, -1]
+            logits = logits.float()
             p_rep = logits[:b].softmax(-1)[:, target]
             delta = (p_orig - p_rep).double()[:, None]
             delta_score = torch.where(replace, delta, -delta)
@@ -102,7 +103,7 @@ def reagent(
                 hit = (logits[b:].topk(cfg.top_k, dim=-1).indices == target).any(dim=-1)
             else:
                 rational = torch.where(keep_now, context.expand(b, n), sampled_stop)
-                again = model(input_ids=rational, use_cache=False).logits[:, -1].float()
+                again = model(input_ids=rational, use_cache=False, logits_to_keep=1).logits[:, -1].float()
                 hit = (again.topk(cfg.top_k, dim=-1).indices == target).any(dim=-1)
             stopped |= hit
             if bool(stopped.all()):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import KVSieveError
-from .attribution import DEFAULT_ATTRIBUTIONS, attribute, check_name, needs_gradients
+from .attribution import DEFAULT_ATTRIBUTIONS, METHOD_PREFIX, attribute, check_name, needs_gradients
 from .problem import Problem, check_gradients, check_window, target_ids
 
 JSON_FILE = "explanation.json"
@@ -158,6 +158,9 @@ def explain(
         tail = out[:, n_prompt:]
         generated = True
     problem = Problem(model, tokenizer, torch.cat([ids, tail], dim=1), n_prompt, seed=seed)
+    from .scorer import share_prefill
+
+    share_prefill(problem, [n[len(METHOD_PREFIX) :] for n in names if n.startswith(METHOD_PREFIX)])
     scores, info = {}, {}
     for name in names:
         scores[name], info[name] = attribute(problem, name, replacer=replacer)

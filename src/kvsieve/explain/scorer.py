@@ -63,6 +63,18 @@ def rank_percentiles(scores: torch.Tensor) -> torch.Tensor:
     return out.reshape(scores.shape)
 
 
+SNAPSHOT = "snapshot"  # Problem._cache key: one prefill shared by every method:<spec> of a problem
+
+
+@torch.no_grad()
+def share_prefill(problem: Problem, specs: list[str]) -> None:
+    """Run the prompt once for every cache method of ``specs`` (``method:`` dropped): their scores then replay it,
+    exactly as the bench's shared prefill does (bit for bit, tests/test_explain.py), instead of one prefill each."""
+    methods = [scorer_method(spec) for spec in specs]
+    if len(methods) > 1:
+        problem._cache[SNAPSHOT] = PrefillSnapshot(problem.model, problem.ids[:, : problem.n_prompt], methods)
+
+
 @torch.no_grad()
 def layer_scores(problem: Problem, spec: str, compression: float = DEFAULT_COMPRESSION) -> dict[int, torch.Tensor]:
     """The eviction scores ``(h, n_prompt)`` (stream order) cache method ``spec`` gives the prompt's tokens, per
@@ -70,8 +82,10 @@ def layer_scores(problem: Problem, spec: str, compression: float = DEFAULT_COMPR
     method = scorer_method(spec)
     budget = Budget(compression=compression)
     prompt = problem.ids[:, : problem.n_prompt]
-    snap = PrefillSnapshot(problem.model, prompt, [method])
     key = method.spec()
+    snap = problem._cache.get(SNAPSHOT)
+    if snap is None or key not in snap.recorded:
+        snap = PrefillSnapshot(problem.model, prompt, [method])
     n_layers = problem.model.config.get_text_config().num_hidden_layers
     shared = copy.deepcopy(snap.method_shared.get(key, {}))
     out = {}
