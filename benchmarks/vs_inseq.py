@@ -146,7 +146,17 @@ def summarize(values: list[float]) -> tuple[float, float, int]:
 def align(tokenizer, prompt: str, target: str, steps: int) -> tuple[str, str, list[int], int] | None:
     """``(prompt text, full text, ids, n_prompt)`` such that tokenizing the full text in one go (as inseq does) gives
     the prompt's ids followed by 1 to ``steps`` target ids: the full text is the prompt plus the longest prefix of
-    ``target`` (cut by characters, not after a space) that does so; None when there is none."""
+    ``target`` (cut by characters, not after a space) that does so; None when there is none. A target whose leading
+    space is a token of its own (SmolLM2 before digits: " 1138" is " ", "1", "1", ...) moves that space to the prompt
+    when no cut fits otherwise."""
+    found = _align(tokenizer, prompt, target, steps)
+    if found is None and target[:1].isspace():
+        lead = target[: len(target) - len(target.lstrip())]
+        found = _align(tokenizer, prompt + lead, target[len(lead) :], steps)
+    return found
+
+
+def _align(tokenizer, prompt: str, target: str, steps: int) -> tuple[str, str, list[int], int] | None:
     p_ids = tokenizer(prompt).input_ids
     for k in range(len(target), 0, -1):
         if target[k - 1].isspace():  # a cut never ends on a space (a token of its own for a BPE tokenizer)

@@ -82,11 +82,8 @@ def test_kept_tokens_keep_their_original_m_rope_position_ids(qwen):
     model, make = qwen
     inputs = make(n_images=2)
     with torch.no_grad():
-        full, _ = model.model.get_rope_index(
-            inputs["input_ids"],
-            image_grid_thw=inputs["image_grid_thw"],
-            mm_token_type_ids=inputs.get("mm_token_type_ids"),
-        )
+        extra = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if "mm_token_type_ids" in inputs else {}
+        full, _ = model.model.get_rope_index(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], **extra)
     _, embs, positions, _, _ = _layer_rows(model, "hiprune(keep=0.25)", inputs)
     rotary = model.model.language_model.rotary_emb
     for i, kept in enumerate(positions):

@@ -70,6 +70,17 @@ def test_align_splits_prompt_and_target_at_a_token_boundary(tiny) -> None:
     assert vs.align(tok, "w1 w2 w3", "", steps=2) is None  # no target token
 
 
+@pytest.mark.integration
+def test_align_moves_a_leading_space_token_to_the_prompt() -> None:
+    """SmolLM2 tokenizes " 1138" as " ", "1", "1", "3", "8": with one step, the space joins the prompt."""
+    from kvsieve.models import load_tokenizer
+
+    tok = load_tokenizer()
+    prompt, full, ids, n_prompt = vs.align(tok, "It was signed in the year", " 1138", steps=1)
+    assert prompt == "It was signed in the year " and full == "It was signed in the year 1"
+    assert ids == tok(full).input_ids and ids[:n_prompt] == tok(prompt).input_ids and len(ids) == n_prompt + 1
+
+
 def test_uniform_replacer_proposes_every_other_token_equally(problem) -> None:
     vocab = problem.model.get_output_embeddings().weight.shape[0]
     replacer = vs.UniformReplacer(vocab)
