@@ -41,7 +41,7 @@ import torch
 from ..errors import KVSieveError
 from . import register
 from .base import Observation, hp
-from .kvzip import BUDGETS, FIRST, LATER, OVERLAP, SCORE, SCORED, KVzip, _global_budgets, _per_query_head_norms
+from .kvzip import FIRST, LATER, OVERLAP, KVzip, _per_query_head_norms
 
 PASS = "kvgrad_pass"  # in cache.shared while a repeat pass runs: the chunk and the per-layer captures
 ROWS = 256  # repeat queries per block when computing attention: memory O(ROWS x keys) per head
@@ -69,7 +69,7 @@ class KVgrad(KVzip):
     def after_prefill(self, model: torch.nn.Module, cache, input_ids: torch.Tensor, tokenizer) -> None:
         """Score every held context token by repeat passes with a backward pass each, then compress once."""
         from ..compat import cache_kwargs
-        from ..reconstruction import compress_held, repeat_prompts
+        from ..reconstruction import repeat_prompts
         from ..sequence import decoder_layers
 
         if input_ids.shape[0] != 1:
@@ -118,17 +118,7 @@ class KVgrad(KVzip):
                         total = torch.zeros(*best.shape[:2], n, dtype=torch.float32, device=best.device)
                         scores[(layer_idx, head_start)] = total
                     total[..., start:stop] = best
-        for layer_idx, layer in enumerate(cache.layers):
-            for seg in getattr(layer, "segments", []):
-                got = scores.get((layer_idx, seg.head_start))
-                if got is None:
-                    continue
-                pos = seg.positions.clamp(min=0)
-                seg.state[SCORE] = got.gather(-1, pos)
-                seg.state[SCORED] = torch.ones_like(pos, dtype=torch.float32)
-        if not self.layerwise:
-            cache.shared[BUDGETS] = _global_budgets(self, cache)
-        compress_held(model, cache, cache.session.method)
+        self.compress_scored(model, cache, scores)
 
     def observe(self, obs: Observation) -> None:
         """During a repeat pass: ``A x ||v W_O||`` of the chunk's pairs, per query head and repeat token."""

@@ -74,7 +74,7 @@ class KVzip(Method):
     def after_prefill(self, model: torch.nn.Module, cache, input_ids: torch.Tensor, tokenizer) -> None:
         """Score every held context token by repeat passes, then compress each layer once (see the module doc)."""
         from ..compat import cache_kwargs
-        from ..reconstruction import compress_held, repeat_prompts
+        from ..reconstruction import repeat_prompts
 
         if input_ids.shape[0] != 1:
             raise KVSieveError(f"{self.name} scores one sequence at a time; run the prompts one at a time")
@@ -102,6 +102,13 @@ class KVzip(Method):
             cache.shared.pop(PASS, None)
             for hook in hooks:
                 hook.remove()
+        self.compress_scored(model, cache, scores)
+
+    def compress_scored(self, model: torch.nn.Module, cache, scores: dict) -> None:
+        """Hand each held token its score (``scores[(layer, head_start)]``: ``(B, h, n)`` by position), share the
+        budget across layers unless ``layerwise``, then compress every layer once."""
+        from ..reconstruction import compress_held
+
         for layer_idx, layer in enumerate(cache.layers):
             for seg in getattr(layer, "segments", []):
                 got = scores.get((layer_idx, seg.head_start))
