@@ -28,6 +28,16 @@ def post_prefill_method(method: Method | None) -> Method | None:
     return None
 
 
+def will_evict(method: Method, cache, input_ids: torch.Tensor) -> bool:
+    """Whether a post-prefill method's extra passes are needed: False when the budget keeps the whole prompt (e.g.
+    compression 0); KVSieveError for a batch of more than one sequence (its scores are per sequence)."""
+    if input_ids.shape[0] != 1:
+        raise KVSieveError(f"{method.name} scores one sequence at a time; run the prompts one at a time")
+    n = input_ids.shape[1]
+    target = cache.session.budget.keep_target(n, n)
+    return target is not None and target < n
+
+
 def compress_held(model: torch.nn.Module, cache, method: Method) -> None:
     """Compress every full-attention layer of ``cache`` once to the session's budget (after a paused prefill)."""
     from .cache import SieveLayer

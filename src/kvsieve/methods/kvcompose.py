@@ -76,13 +76,9 @@ class KVCompose(Method):
     def after_prefill(self, model: torch.nn.Module, cache, input_ids: torch.Tensor, tokenizer) -> None:
         """Run the context again after itself, score the held tokens, then compress each layer once."""
         from ..compat import cache_kwargs
-        from ..reconstruction import compress_held
+        from ..reconstruction import compress_held, will_evict
 
-        if input_ids.shape[0] != 1:
-            raise KVSieveError(f"{self.name} scores one sequence at a time; run the prompts one at a time")
-        n = input_ids.shape[1]
-        target = cache.session.budget.keep_target(n, n)
-        if target is None or target >= n:  # nothing to evict (e.g. compression 0): no second pass
+        if not will_evict(self, cache, input_ids):  # nothing to evict (e.g. compression 0): no second pass
             return
         scores: dict = {}
         mark = cache.checkpoint()

@@ -69,15 +69,12 @@ class KVgrad(KVzip):
     def after_prefill(self, model: torch.nn.Module, cache, input_ids: torch.Tensor, tokenizer) -> None:
         """Score every held context token by repeat passes with a backward pass each, then compress once."""
         from ..compat import cache_kwargs
-        from ..reconstruction import repeat_prompts
+        from ..reconstruction import repeat_prompts, will_evict
         from ..sequence import decoder_layers
 
-        if input_ids.shape[0] != 1:
-            raise KVSieveError(f"{self.name} scores one sequence at a time; run the prompts one at a time")
-        n = input_ids.shape[1]
-        target = cache.session.budget.keep_target(n, n)
-        if target is None or target >= n:  # nothing to evict (e.g. compression 0): no repeat passes
+        if not will_evict(self, cache, input_ids):  # nothing to evict (e.g. compression 0): no repeat passes
             return
+        n = input_ids.shape[1]
         check_gradients(model)
         layers = decoder_layers(model)
         if not layers:

@@ -74,14 +74,11 @@ class KVzip(Method):
     def after_prefill(self, model: torch.nn.Module, cache, input_ids: torch.Tensor, tokenizer) -> None:
         """Score every held context token by repeat passes, then compress each layer once (see the module doc)."""
         from ..compat import cache_kwargs
-        from ..reconstruction import repeat_prompts
+        from ..reconstruction import repeat_prompts, will_evict
 
-        if input_ids.shape[0] != 1:
-            raise KVSieveError(f"{self.name} scores one sequence at a time; run the prompts one at a time")
-        n = input_ids.shape[1]
-        target = cache.session.budget.keep_target(n, n)
-        if target is None or target >= n:  # nothing to evict (e.g. compression 0): no repeat passes
+        if not will_evict(self, cache, input_ids):  # nothing to evict (e.g. compression 0): no repeat passes
             return
+        n = input_ids.shape[1]
         scores: dict = {}
         norms: dict = {}
         hooks = []
