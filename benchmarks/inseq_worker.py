@@ -11,8 +11,9 @@ Requests:
   ``torch.manual_seed(seed)`` runs first (ReAGent draws from torch's global generator). Reply: ``scores``
   (``[step][position]``, inseq's raw attributions with its default ``vnorm`` aggregation, the L2 norm over the
   embedding dimension, without its sum-to-one normalisation; None past each step's context), ``ids`` (the token ids
-  inseq attributed), ``seconds`` (the ``attribute`` call alone), ``iterations`` (ReAGent's probing steps per target
-  token, counted by a wrapper around inseq's evaluator).
+  inseq attributed), ``seconds`` (the ``attribute`` call alone), ``iterations`` and ``stopped`` (ReAGent's probing
+  steps and the probes that met its stopping condition, per target token, read by a wrapper around inseq's
+  evaluator: inseq averages the stopped probes only, so a token none stopped for scores NaN, sent as None).
 - ``{"op": "baseline", "full": ...}``: the baseline token ids inseq's integrated gradients uses for ``full``.
 
 ReAGent's token sampler: inseq's ``POSTagTokenSampler`` maps the vocabulary to part-of-speech tags with nltk's
@@ -43,12 +44,14 @@ def _one_tag(cache_dir, cache_filename, save_cache=True, overwrite_cache=False, 
 
 token_sampler.POSTagTokenSampler.build_pos_mapping_from_vocab = staticmethod(_one_tag)
 ITERATIONS: list[int] = []  # ReAGent's probing steps per target token of the last request (read, not changed)
+STOPPED: list[int] = []  # and its probes that stopped
 _evaluate = importance_score_evaluator.DeltaProbImportanceScoreEvaluator.__call__
 
 
 def _counting(self, *args, **kwargs):
     out = _evaluate(self, *args, **kwargs)
     ITERATIONS.append(int(self.num_steps))
+    STOPPED.append(int(self.stop_mask.sum()))
     return out
 
 
@@ -79,6 +82,7 @@ class Worker:
         self.use(req["method"], req.get("init", {}))
         torch.manual_seed(int(req.get("seed", 0)))
         ITERATIONS.clear()
+        STOPPED.clear()
         t0 = time.perf_counter()
         out = self.model.attribute(req["prompt"], req["full"], show_progress=False, **req.get("args", {}))
         seconds = time.perf_counter() - t0
@@ -88,7 +92,13 @@ class Worker:
             scores = torch.linalg.vector_norm(scores, ord=2, dim=-1)
         rows = [[_clean(float(x)) for x in col] for col in scores.T.tolist()]
         ids = [int(t.id) for t in seq.target]
-        return {"scores": rows, "ids": ids, "seconds": seconds, "iterations": list(ITERATIONS)}
+        return {
+            "scores": rows,
+            "ids": ids,
+            "seconds": seconds,
+            "iterations": list(ITERATIONS),
+            "stopped": list(STOPPED),
+        }
 
     def baseline(self, req: dict) -> dict:
         enc = self.model.encode(req["full"], return_baseline=True)

@@ -14,7 +14,9 @@ Examples: even ones are short natural sentences (``SENTENCES``) whose target is 
 ``--steps`` tokens; odd ones are the bench's task prompts (``--tasks``, chat template plus answer prefix, about
 ``--length`` tokens of context) whose target is the gold answer's first ``--steps`` tokens. The prompt and
 prompt + target are tokenized as inseq tokenizes them (the full text in one go); kvsieve gets exactly those ids and
-the worker checks that inseq attributed the same ones.
+the worker checks that inseq attributed the same ones (inseq's output leaves out the tokens equal to the pad token,
+SmolLM2's ``<|im_end|>``, which the chat prompts hold, and cuts its score rows to as many positions: the comparison
+covers the positions inseq's rows keep, see ``shown_width``).
 
 Settings, the same on both sides (every one is inseq 0.7's default unless said otherwise):
 - model: the embedded SmolLM2-135M-Instruct, float32, SDPA attention, CPU; inseq loads kvsieve's converted
@@ -47,7 +49,7 @@ Time: the median over examples of the per-example ratio kvsieve seconds / inseq 
 also holds both sides' score matrices.
 
 Results go to OUT/vs_inseq.jsonl as they finish (one line per example and method; a run with the same settings
-resumes from it) and the table to stdout and OUT/vs_inseq.md.
+resumes from it, or extends it with more ``--examples``) and the table to stdout and OUT/vs_inseq.md.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+STOPPED = ("stopped_ours", "stopped_inseq")
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
 METHODS = (*GRADIENT_METHODS, "reagent", "reagent_uniform")
 IG_STEPS = 50
@@ -85,7 +88,17 @@ def inseq_reagent(cfg: dict) -> dict:
 
 
 INSEQ_PINS = ["torch==2.13.0", "inseq==0.7.1"]
-SENTENCES = (  # natural text; each longer than ReAGent's rational of 5 tokens, which it would keep whole
+# Natural text, each longer than ReAGent's rational of 5 tokens (which it would keep whole). The first five are short
+# and strongly cued: ReAGent stops a probe once its 5 most important tokens, the others replaced (uniformly, on inseq's
+# side here), put the target back in the top 3, which a few hundred steps reach only when a few tokens determine the
+# target ("The Eiffel Tower is in the city of" -> " Paris": all 16 probes stopped within 55 steps); on the longer
+# sentences inseq's probes may not stop (NaN scores, left out of the comparison and counted).
+SENTENCES = (
+    "The Eiffel Tower is in the city of",
+    "Monday, Tuesday, Wednesday, Thursday,",
+    "Romeo and Juliet is a play written by William",
+    "The chemical symbol for gold is",
+    "The largest planet in our solar system is",
     "When the sun goes down over the quiet harbour and the last boats come home, the old fishermen",
     "She opened the old wooden box that had been locked in the attic for years and found a letter from",
     "Water boils at a temperature of one hundred degrees Celsius at sea level, but on a high mountain it",
@@ -117,7 +130,10 @@ def rankdata(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(a, b) -> float:
-    """Spearman rank correlation of two equal-length score vectors; NaN when either is constant."""
+    """Spearman rank correlation of two equal-length score vectors; NaN when either is constant or holds a NaN (inseq's
+    ReAGent scores a target token NaN when none of its probes stopped within the step cap)."""
+    if np.isnan(a).any() or np.isnan(b).any():
+        return float("nan")
     ra, rb = rankdata(a), rankdata(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
@@ -131,7 +147,7 @@ def per_step_spearman(ours: list[list], theirs: list[list], n_prompt: int) -> li
     out = []
     for t, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         n = n_prompt + t
-        out.append(spearman(np.asarray(a[:n], dtype=float), np.asarray(b[:n], dtype=float)))
+        out.append(spearman(np.asarray(a[:n], dtype=float), np.asarray(b[:n], dtype=float)))  # None -> NaN
     return out
 
 
@@ -166,6 +182,19 @@ def _align(tokenizer, prompt: str, target: str, steps: int) -> tuple[str, str, l
         if ids[: len(p_ids)] == p_ids and 0 < len(ids) - len(p_ids) <= steps:
             return prompt, full, ids, len(p_ids)
     return None
+
+
+def shown_width(ids: list[int], shown: list[int], hidden: int | None, n_prompt: int) -> int | None:
+    """How many leading positions of ``ids`` inseq's scores cover; None when ``shown`` (the tokens inseq returns) is
+    not ``ids``, or ``ids`` without its tokens equal to ``hidden`` in the prompt. inseq attributes the whole sequence
+    but leaves the pad token out of the tokens it returns (SmolLM2's pad token is its EOS, ``<|im_end|>``, which chat
+    prompts hold) and cuts its score rows to that many positions: the scores keep their original positions (the
+    gradients equal ours bitwise there) and the context's last positions, as many as it left out, are missing."""
+    if shown == ids:
+        return len(ids)
+    if [t for t in ids if t != hidden] != shown or hidden in ids[n_prompt:]:
+        return None
+    return len(shown)
 
 
 # ------------------------------------------------------------------------------------------------------ the venv
@@ -242,13 +271,15 @@ class UniformReplacer(torch.nn.Module):
 
 
 def run_ours(model, tok, method: str, ids: list[int], n_prompt: int, seed: int, baseline: list[int] | None, cfg: dict):
-    """kvsieve's scores ``[step][position]`` (None past each step's context), seconds, ReAGent's iterations."""
+    """kvsieve's scores ``[step][position]`` (None past each step's context), seconds, and ReAGent's probing steps and
+    stopped probes per target token."""
     from kvsieve.explain import gradients
     from kvsieve.explain.problem import Problem
     from kvsieve.explain.reagent import ReagentConfig, reagent
 
     problem = Problem(model, tok, torch.tensor([ids]), n_prompt, seed=seed)
     iterations: list[int] = []
+    stopped: list[int] = []
     t0 = time.perf_counter()
     if method == "integrated_gradients":
         base = model.get_input_embeddings()(torch.tensor(baseline)).detach()
@@ -260,9 +291,10 @@ def run_ours(model, tok, method: str, ids: list[int], n_prompt: int, seed: int, 
         replacer = UniformReplacer(vocab) if method == "reagent_uniform" else None
         scores, info = reagent(problem, replacer=replacer, config=ReagentConfig(**cfg))
         iterations = [s["iterations"] for s in info["steps"]]
+        stopped = [s["stopped_probes"] for s in info["steps"]]
     seconds = time.perf_counter() - t0
     rows = [[None if math.isnan(x) else x for x in row] for row in scores.tolist()]
-    return rows, seconds, iterations
+    return rows, seconds, (iterations, stopped)
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -300,7 +332,8 @@ def examples(tok, model, n: int, length: int, steps: int, tasks: list[str]):
 
 
 def load_log(path: Path, header: dict) -> dict[tuple[str, str], dict]:
-    """Rows already measured by a run with the same settings; a fresh log when there is none."""
+    """Rows already measured by a run with the same settings (a run with more ``--examples`` extends it; a row that
+    ended in an error runs again); a fresh log when there is none."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"header": header}) + "\n")
@@ -311,10 +344,12 @@ def load_log(path: Path, header: dict) -> dict[tuple[str, str], dict]:
             lines.append(json.loads(text))
         except json.JSONDecodeError:  # a line a crash cut short: that row runs again
             break
-    if not lines or lines[0].get("header") != json.loads(json.dumps(header)):
+    settings = {k: v for k, v in json.loads(json.dumps(header)).items() if k != "examples"}  # more examples: extend
+    if not lines or {k: v for k, v in lines[0].get("header", {}).items() if k != "examples"} != settings:
         raise SystemExit(f"error: {path} holds a run with other settings; pass another --out, or delete it")
-    print(f"resuming: {len(lines) - 1} rows already in {path}", flush=True)
-    return {(r["example"], r["method"]): r for r in lines[1:]}
+    rows = {(r["example"], r["method"]): r for r in lines[1:] if "error" not in r}  # an error runs again
+    print(f"resuming: {len(rows)} rows already in {path}", flush=True)
+    return rows
 
 
 _REAGENT_RUNS: dict[tuple, dict] = {}  # inseq's ReAGent runs by (method, text, seed), computed once
@@ -347,7 +382,7 @@ def measure(args, model, tok, worker: Inseq, ex: tuple, method: str, order: int,
         if inseq_method == "reagent" and key in _REAGENT_RUNS:  # reagent and reagent_uniform share inseq's runs
             return _REAGENT_RUNS[key]
         r = worker.ask(op="attribute", method=inseq_method, prompt=prompt, full=full, seed=seed, init=init, args=call)
-        if "error" not in r and r["ids"] != ids:
+        if "error" not in r and shown_width(ids, r["ids"], tok.pad_token_id, n_prompt) is None:
             r = {"error": f"inseq attributed other ids ({len(r['ids'])} vs {len(ids)})"}
         if inseq_method == "reagent":
             _REAGENT_RUNS[key] = r
@@ -362,13 +397,20 @@ def measure(args, model, tok, worker: Inseq, ex: tuple, method: str, order: int,
         ours, t_ours, it_ours = run_ours(model, tok, method, ids, n_prompt, a, baseline, cfg)
     if "error" in th:
         return {"error": th["error"]}
+    width = len(th["scores"][0])  # the positions inseq's rows cover (see shown_width)
+
+    def as_shown(rows: list[list]) -> list[list]:
+        return [row[:width] for row in rows]
+
     row = {
         "n_tokens": len(ids), "n_prompt": n_prompt, "steps": len(ids) - n_prompt, "seconds_ours": t_ours,
-        "seconds_inseq": th["seconds"], "rho": per_step_spearman(ours, th["scores"], n_prompt),
-        "scores_ours": ours, "scores_inseq": th["scores"],
+        "seconds_inseq": th["seconds"], "rho": per_step_spearman(as_shown(ours), th["scores"], n_prompt),
+        "scores_ours": ours, "scores_inseq": th["scores"], "hidden_by_inseq": len(ids) - len(th["ids"]),
     }  # fmt: skip
     if method.startswith("reagent"):
-        row["iterations_ours"], row["iterations_inseq"] = it_ours, th.get("iterations")
+        row["iterations_ours"], row["stopped_ours"] = it_ours
+        row["iterations_inseq"], row["stopped_inseq"] = th.get("iterations"), th.get("stopped")
+        row["probes"] = cfg["num_probes"]
     if method.startswith("reagent") and len(seeds) > 1:
         b = seeds[1]
         th_b = theirs(b)
@@ -386,12 +428,15 @@ def _pair(rows: list[dict], key: str) -> str:
 
 
 def _steps(rows: list[dict]) -> str:
-    """Median ReAGent probing steps per target token, kvsieve / inseq; "-" for the other methods."""
+    """Median ReAGent probing steps per target token and the share of probes that stopped, kvsieve / inseq; "-" for
+    the other methods."""
     ours = [x for r in rows for x in r.get("iterations_ours") or []]
     theirs = [x for r in rows for x in r.get("iterations_inseq") or []]
     if not ours or not theirs:
         return "-"
-    return f"{statistics.median(ours):g} / {statistics.median(theirs):g}"
+    probes = rows[0].get("probes", 1)
+    share = [sum(x for r in rows for x in r.get(key) or []) / (probes * len(ours)) for key in STOPPED]
+    return f"{statistics.median(ours):g} / {statistics.median(theirs):g} ({share[0]:.0%} / {share[1]:.0%} stopped)"
 
 
 def table(rows: list[dict], header: dict) -> str:
@@ -408,25 +453,29 @@ def table(rows: list[dict], header: dict) -> str:
         f"steps, seeds a={header['seeds'][0]} b={header['seeds'][-1]}, contexts <= {header['reagent_max_tokens']} "
         "tokens. Replacements: inseq uniform over the vocabulary (its POS sampler with one tag: nltk's tagger is a "
         "download); kvsieve `reagent` SmolLM2's own predictions, `reagent_uniform` uniform.",
-        "rho = Spearman rank correlation per example and target token (mean / min over all); time = median over "
-        "examples of kvsieve seconds / inseq seconds (each side's attribution call alone, turns alternating).",
+        "rho = Spearman rank correlation per example and target token (mean / min over the tokens compared; a token "
+        "either side scored NaN, inseq's ReAGent when none of its probes stopped, is not compared); time = median "
+        "over examples of kvsieve seconds / inseq seconds (each side's attribution call alone, turns alternating).",
         "",
-        "| method | examples | rho ours vs inseq (mean) | (min) | inseq a vs b (mean / min) | ours a vs b (mean / min) "
-        "| s/example ours | s/example inseq | time ours/inseq | ReAGent steps ours / inseq |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | examples | tokens compared | rho ours vs inseq (mean) | (min) | inseq a vs b (mean / min) "
+        "| ours a vs b (mean / min) | s/example ours | s/example inseq | time ours/inseq "
+        "| ReAGent steps ours / inseq |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method in header["methods"]:
         done = [row for row in rows if row["method"] == method and "rho" in row]
         if not done:
-            lines.append(f"| {method} | 0 | - | - | - | - | - | - | - | - |")
+            lines.append(f"| {method} | 0 | 0 | - | - | - | - | - | - | - | - |")
             continue
-        mean, low, _ = summarize([x for row in done for x in row["rho"]])
+        mean, low, compared = summarize([x for row in done for x in row["rho"]])
+        tokens = sum(len(row["rho"]) for row in done)
         ratio = statistics.median(row["seconds_ours"] / row["seconds_inseq"] for row in done)
         t_ours = statistics.median(row["seconds_ours"] for row in done)
         t_inseq = statistics.median(row["seconds_inseq"] for row in done)
         lines.append(
-            f"| {method} | {len(done)} | {mean:.4f} | {low:.4f} | {_pair(done, 'rho_inseq_ab')} "
-            f"| {_pair(done, 'rho_ours_ab')} | {t_ours:.2f} | {t_inseq:.2f} | {ratio:.2f} | {_steps(done)} |"
+            f"| {method} | {len(done)} | {compared} of {tokens} | {mean:.4f} | {low:.4f} "
+            f"| {_pair(done, 'rho_inseq_ab')} | {_pair(done, 'rho_ours_ab')} "
+            f"| {t_ours:.2f} | {t_inseq:.2f} | {ratio:.2f} | {_steps(done)} |"
         )
     skipped = [f"{x['example']} {x['method']}: {x.get('skipped') or x.get('error')}" for x in rows if "rho" not in x]
     if skipped:

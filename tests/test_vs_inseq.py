@@ -60,6 +60,44 @@ def test_per_step_spearman_reads_each_step_context_only() -> None:
     assert (mean, low, count) == (0.75, 0.5, 2)
 
 
+def test_a_token_scored_nan_is_not_compared() -> None:
+    """inseq's ReAGent scores a target token NaN (None in the log) when none of its probes stopped: no correlation,
+    not a perfect one (NaNs all rank apart, so two NaN rows would otherwise correlate 1.0)."""
+    x = np.array([1.0, 2.0, 3.0])
+    assert math.isnan(vs.spearman(x, np.array([np.nan, 2.0, 1.0])))
+    nans = [[None, None, None]]
+    assert math.isnan(vs.per_step_spearman(nans, nans, n_prompt=3)[0])
+    assert math.isnan(vs.per_step_spearman([[1.0, 2.0, 3.0]], nans, n_prompt=3)[0])
+
+
+def test_table_counts_the_tokens_compared_and_the_probes_that_stopped() -> None:
+    header = {
+        "examples": 2, "length": 200, "steps": 1, "tasks": ["qa"], "methods": ["reagent_uniform"], "seeds": [0, 1],
+        "reagent": {**vs.REAGENT, "max_steps": 300}, "ig_steps": 50, "reagent_max_tokens": 96, "threads": 2,
+        "inseq": "0.7.1",
+    }  # fmt: skip
+    row = {"method": "reagent_uniform", "seconds_ours": 2.0, "seconds_inseq": 1.0, "probes": 16}
+    rows = [
+        {**row, "rho": [0.5], "iterations_ours": [40], "iterations_inseq": [60], "stopped_ours": [16],
+         "stopped_inseq": [16], "rho_inseq_ab": [0.4], "rho_ours_ab": [0.6]},
+        {**row, "rho": [float("nan")], "iterations_ours": [300], "iterations_inseq": [300], "stopped_ours": [4],
+         "stopped_inseq": [0], "rho_inseq_ab": [float("nan")], "rho_ours_ab": [0.2]},
+    ]  # fmt: skip
+    line = next(x for x in vs.table(rows, header).splitlines() if x.startswith("| reagent_uniform"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:4] == ["2", "1 of 2", "0.5000"]  # the NaN token is left out of the mean
+    assert cells[5:7] == ["0.400 / 0.400", "0.400 / 0.200"]
+    assert cells[-1] == "170 / 180 (62% / 50% stopped)"  # medians of 40, 300 and 60, 300; 20 and 16 of 32 probes
+
+
+def test_shown_width_is_the_positions_inseq_scores_cover() -> None:
+    ids = [5, 2, 7, 8, 2, 9, 4]  # pad token 2 twice in the prompt (6 tokens), target 4
+    assert vs.shown_width(ids, ids, 2, 6) == 7
+    assert vs.shown_width(ids, [5, 7, 8, 9, 4], 2, 6) == 5
+    assert vs.shown_width(ids, [5, 7, 8, 9], 2, 6) is None  # another sequence
+    assert vs.shown_width([5, 7, 2], [5, 7], 2, 2) is None  # a hidden target token: not comparable
+
+
 def test_align_splits_prompt_and_target_at_a_token_boundary(tiny) -> None:
     _, tok = tiny
     prompt, full, ids, n_prompt = vs.align(tok, "w1 w2 w3", " w4 w5 w6", steps=2)
