@@ -1,4 +1,5 @@
-"""Runs inside the kvpress virtual environment (see vs_kvpress.py); reads job.json, writes job.out.jsonl.
+"""Runs inside the kvpress virtual environment (see vs_kvpress.py); reads a job file, appends one line per row to the
+file the job names (``out``) as each row finishes, so a run cut short keeps what it measured.
 
 Mirrors kvpress 0.5.5's pipeline: ``with press(model): model.model(prefix)``, then the follow-up ids with position ids
 continuing from the uncompressed prefix length, then greedy decoding (``generate_answer``). Where the press left layers
@@ -81,17 +82,16 @@ def main() -> None:
         models[impl] = AutoModelForCausalLM.from_pretrained(
             job["model_dir"], dtype=torch.float32, attn_implementation=impl, local_files_only=True
         ).eval()
-    rows = []
-    for row in job["rows"]:
-        try:
-            result = run_row(models, job["items"][row["item"]], row)
-        except Exception as err:  # reported in the table; the others still run
-            result = {"error": f"{type(err).__name__}: {err}"[:120]}
-        rows.append({**row, **result})
-        print(
-            f"kvpress {row['label']} {row['item']} {row['ratio']}: {'error' if 'error' in result else 'ok'}", flush=True
-        )
-    job_path.with_name("job.out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(job["out"], "a") as out:
+        for row in job["rows"]:
+            try:
+                result = run_row(models, job["items"][row["item"]], row)
+            except Exception as err:  # reported in the table; the others still run
+                result = {"error": f"{type(err).__name__}: {err}"[:120]}
+            out.write(json.dumps({**row, **result}) + "\n")
+            out.flush()
+            status = "error" if "error" in result else "ok"
+            print(f"kvpress {row['label']} {row['item']} {row['ratio']}: {status}", flush=True)
 
 
 if __name__ == "__main__":

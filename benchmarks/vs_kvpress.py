@@ -1,7 +1,7 @@
 """kvsieve vs kvpress 0.5.5, side by side: every training-free press kvsieve has, same samples, tokens and ratios.
 
 Usage: python benchmarks/vs_kvpress.py [--samples 2] [--ratios 0.25,0.5,0.75] [--tasks ...] [--modes agnostic,aware]
-[--pairs snapkv,think,...] [--venv .venv-kvpress]
+[--pairs snapkv,think,...] [--length 2048] [--out vs-kvpress-out] [--venv .venv-kvpress]
 
 kvpress 0.5.5 requires transformers < 5.3, so it runs in its own virtual environment (made on first use, reused
 after; about 70 s): torch 2.13.0, transformers 5.2.0, kvpress 0.5.5 and its dependencies. Both sides load the same
@@ -10,7 +10,14 @@ greedily the same number of tokens. Two modes: ``agnostic`` compresses the conte
 (kvpress's query-agnostic protocol); ``aware`` compresses the context and the question together (all but its last
 token), then appends that last token. The kvpress side follows its pipeline's own loop
 (``KVPressTextGenerationPipeline.generate_answer``: positions continue from the uncompressed length). Prefill times
-are each side's own single-pass prefill, in the same run (kvpress's side first, in its own process).
+are each side's own single-pass prefill, in the same run: item by item (a sample in one mode), kvpress's side
+first, in its own process, then ours, so both sides of an item run under the same load.
+
+Progressive and resumable: each side appends a line per row to OUT/theirs.jsonl or OUT/ours.jsonl as the row
+finishes; the same command (any subset or superset of pairs, ratios, samples) runs only the rows missing on a side
+and prints the table of the rows asked for, also written to
+OUT/vs_kvpress.txt. OUT/settings.json holds the settings that change a row (length, threads); another length needs
+another --out. An item resumed half-way pairs rows of two runs: its time ratio then compares two moments.
 
 Pairs (``PAIRS``: a kvsieve spec and the kvpress press, ``{r}`` the compression ratio): the scorers, their wrappers
 (``adakv``, ``critical_adakv``, ``criticalkv``, ``chunkkv``, ``entropy_chunkkv``, ``rerotate``, ``merging``,
@@ -170,9 +177,37 @@ def jobs(items: list[dict], labels: list[str], ratios: list[float]) -> list[dict
     return out
 
 
+def row_key(row: dict) -> tuple:
+    """What identifies a row on either side: its item, pair, ratio and the exact kvpress expression."""
+    return row["item"], row["label"], row["ratio"], row["press"]
+
+
+def load_rows(path: Path) -> dict[tuple, dict]:
+    """The rows a side has finished, errors included (a press that fails fails again; delete its line to retry); a
+    line a crash cut short is left out, so that row runs again."""
+    done: dict[tuple, dict] = {}
+    if path.exists():
+        for text in path.read_text().splitlines():
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            done[row_key(row)] = row
+    return done
+
+
+def open_out(out: Path, settings: dict) -> None:
+    """OUT with its settings file; refuses a folder measured with other settings (never mixes them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "settings.json"
+    if path.exists() and json.loads(path.read_text()) != settings:
+        raise SystemExit(f"error: {out} holds rows measured with {path.read_text().strip()}; pass another --out")
+    path.write_text(json.dumps(settings) + "\n")
+
+
 @torch.no_grad()
-def run_ours(model, tok, items: dict[str, dict], rows: list[dict]) -> list[dict]:
-    out_rows = []
+def run_ours(model, tok, items: dict[str, dict], rows: list[dict], log: Path) -> None:
+    """Our side of ``rows``, each appended to ``log`` as it finishes."""
     for row in rows:
         item = items[row["item"]]
         prefix, follow = torch.tensor([item["prefix_ids"]]), torch.tensor([item["follow_ids"]])
@@ -199,8 +234,8 @@ def run_ours(model, tok, items: dict[str, dict], rows: list[dict]) -> list[dict]
             }
         except Exception as err:  # reported in the table; the others still run
             result = {"error": f"{type(err).__name__}: {err}"[:120]}
-        out_rows.append({**row, **result})
-    return out_rows
+        with log.open("a") as f:
+            f.write(json.dumps({**row, **result}) + "\n")
 
 
 def main() -> None:
@@ -212,6 +247,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.25,0.5,0.75")
     parser.add_argument("--modes", default="agnostic,aware", help="agnostic (context alone), aware (with question)")
     parser.add_argument("--pairs", default=",".join(PAIRS), help="labels of PAIRS to run (default: all)")
+    parser.add_argument("--out", default="vs-kvpress-out", help="rows of both sides (resumable) and the table")
     parser.add_argument("--venv", default=str(ROOT / ".venv-kvpress"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -251,17 +287,29 @@ def main() -> None:
                     "eos": eos,
                 }  # fmt: skip
     rows = jobs(list(items.values()), labels, ratios)
+    out = Path(args.out)
+    open_out(out, {"length": args.length, "threads": args.threads})
+    theirs_file, ours_file = out / "theirs.jsonl", out / "ours.jsonl"
 
     python = ensure_venv(Path(args.venv))
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_file = Path(tmp) / "job.json"
-        job = {"model_dir": str(converted_dir("smollm2-135m")), "items": items, "rows": rows, "threads": args.threads}
-        spec_file.write_text(json.dumps(job))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-        # alternating the two sides' turns is not possible across processes; theirs runs first, ours right after
-        subprocess.run([python, str(ROOT / "benchmarks" / "kvpress_worker.py"), str(spec_file)], check=True, env=env)
-        theirs = [json.loads(line) for line in (Path(tmp) / "job.out.jsonl").read_text().splitlines()]
-    ours = run_ours(model, tok, items, rows)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    for sid in items:  # item by item, theirs then ours: both sides of an item under the same load
+        todo = [r for r in rows if r["item"] == sid and row_key(r) not in load_rows(theirs_file)]
+        if todo:
+            with tempfile.TemporaryDirectory() as tmp:
+                spec_file = Path(tmp) / "job.json"
+                job = {
+                    "model_dir": str(converted_dir("smollm2-135m")), "items": {sid: items[sid]}, "rows": todo,
+                    "threads": args.threads, "out": str(theirs_file.resolve()),
+                }  # fmt: skip
+                spec_file.write_text(json.dumps(job))
+                subprocess.run([python, str(ROOT / "benchmarks" / "kvpress_worker.py"), str(spec_file)], env=env)
+        done = load_rows(ours_file)
+        run_ours(model, tok, items, [r for r in rows if r["item"] == sid and row_key(r) not in done], ours_file)
+    theirs_done, ours_done = load_rows(theirs_file), load_rows(ours_file)
+    missing_rows = {"error": "not measured (the run was cut short, or the worker failed: see above)"}
+    theirs = [theirs_done.get(row_key(r), {**r, **missing_rows}) for r in rows]
+    ours = [ours_done.get(row_key(r), {**r, **missing_rows}) for r in rows]
 
     def table(result_rows):
         out = {}
@@ -287,12 +335,13 @@ def main() -> None:
         )
 
     a, b = table(ours), table(theirs)
-    print(
+    lines: list[str] = []
+    lines.append(
         f"SmolLM2-135M, {args.length}-token contexts, tasks {args.tasks}, {args.samples} samples each, "
         f"modes {args.modes}; score = mean string match x100; kept = share of the prefix held after the prefill"
     )
     head = f"{'kvsieve':<40}{'kvpress':<52}{'mode':<9}{'ratio':>6}{'ours':>7}{'theirs':>7}"
-    print(f"{head}{'kept ours':>10}{'kept theirs':>12}{'prefill ours/theirs':>21}")
+    lines.append(f"{head}{'kept ours':>10}{'kept theirs':>12}{'prefill ours/theirs':>21}")
     errors = []
     for label, mode, ratio in sorted(a, key=lambda k: (k[0], k[1], k[2] or 0.0)):
         (s_o, t_o, k_o), (s_t, t_t, k_t) = summary(a[(label, mode, ratio)]), summary(b[(label, mode, ratio)])
@@ -304,12 +353,14 @@ def main() -> None:
         t = f"{t_o / t_t:.2f}" if t_o is not None and t_t is not None else "-"
         rtxt = "thr" if ratio is None else f"{ratio:.2f}"
         label_txt = ours_spec if len(ours_spec) <= 38 else ours_spec[:35] + "..."
-        print(f"{label_txt:<40}{press:<52}{mode:<9}{rtxt:>6}{s_o:>7}{s_t:>7}{k_o:>10}{k_t:>12}{t:>21}")
+        lines.append(f"{label_txt:<40}{press:<52}{mode:<9}{rtxt:>6}{s_o:>7}{s_t:>7}{k_o:>10}{k_t:>12}{t:>21}")
     for line in errors:
-        print("error:", line)
+        lines.append(f"error: {line}")
     if missing:
-        print(f"skipped, not registered in this checkout: {', '.join(missing)}")
-    print("not paired: " + "; ".join(f"{k} ({v})" for k, v in UNPAIRED.items()))
+        lines.append(f"skipped, not registered in this checkout: {', '.join(missing)}")
+    lines.append("not paired: " + "; ".join(f"{k} ({v})" for k, v in UNPAIRED.items()))
+    print("\n".join(lines))
+    (out / "vs_kvpress.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
