@@ -14,10 +14,11 @@ are each side's own single-pass prefill, in the same run: item by item (a sample
 first, in its own process, then ours, so both sides of an item run under the same load.
 
 Progressive and resumable: each side appends a line per row to OUT/theirs.jsonl or OUT/ours.jsonl as the row
-finishes; the same command (any subset or superset of pairs, ratios, samples) runs only the rows missing on a side
-and prints the table of the rows asked for, also written to
-OUT/vs_kvpress.txt. OUT/settings.json holds the settings that change a row (length, threads); another length needs
-another --out. An item resumed half-way pairs rows of two runs: its time ratio then compares two moments.
+finishes; the same command (or any subset or superset of its pairs, ratios, tasks and modes) runs only the rows
+missing on a side and prints the table of the rows asked for, also written to OUT/vs_kvpress.txt. OUT/settings.json
+holds the settings that change a row (length, samples per task: a sample's needle depth depends on how many there
+are, threads); other settings need another --out. An item resumed half-way pairs rows of two runs: its time ratio
+then compares two moments.
 
 Pairs (``PAIRS``: a kvsieve spec and the kvpress press, ``{r}`` the compression ratio): the scorers, their wrappers
 (``adakv``, ``critical_adakv``, ``criticalkv``, ``chunkkv``, ``entropy_chunkkv``, ``rerotate``, ``merging``,
@@ -288,7 +289,7 @@ def main() -> None:
                 }  # fmt: skip
     rows = jobs(list(items.values()), labels, ratios)
     out = Path(args.out)
-    open_out(out, {"length": args.length, "threads": args.threads})
+    open_out(out, {"length": args.length, "samples": args.samples, "threads": args.threads})
     theirs_file, ours_file = out / "theirs.jsonl", out / "ours.jsonl"
 
     python = ensure_venv(Path(args.venv))
