@@ -16,7 +16,7 @@ Examples: even ones are short natural sentences (``SENTENCES``) whose target is 
 prompt + target are tokenized as inseq tokenizes them (the full text in one go); kvsieve gets exactly those ids and
 the worker checks that inseq attributed the same ones (inseq's output leaves out the tokens equal to the pad token,
 SmolLM2's ``<|im_end|>``, which the chat prompts hold, and cuts its score rows to as many positions: the comparison
-covers the positions inseq's rows keep, see ``shown_width``).
+covers the positions inseq's rows keep, see ``same_tokens``).
 
 Settings, the same on both sides (every one is inseq 0.7's default unless said otherwise):
 - model: the embedded SmolLM2-135M-Instruct, float32, SDPA attention, CPU; inseq loads kvsieve's converted
@@ -184,17 +184,13 @@ def _align(tokenizer, prompt: str, target: str, steps: int) -> tuple[str, str, l
     return None
 
 
-def shown_width(ids: list[int], shown: list[int], hidden: int | None, n_prompt: int) -> int | None:
-    """How many leading positions of ``ids`` inseq's scores cover; None when ``shown`` (the tokens inseq returns) is
-    not ``ids``, or ``ids`` without its tokens equal to ``hidden`` in the prompt. inseq attributes the whole sequence
-    but leaves the pad token out of the tokens it returns (SmolLM2's pad token is its EOS, ``<|im_end|>``, which chat
-    prompts hold) and cuts its score rows to that many positions: the scores keep their original positions (the
-    gradients equal ours bitwise there) and the context's last positions, as many as it left out, are missing."""
-    if shown == ids:
-        return len(ids)
-    if [t for t in ids if t != hidden] != shown or hidden in ids[n_prompt:]:
-        return None
-    return len(shown)
+def same_tokens(ids: list[int], shown: list[int], hidden: int | None, n_prompt: int) -> bool:
+    """Whether ``shown`` (the tokens inseq returns) is ``ids``, or ``ids`` without its tokens equal to ``hidden`` in
+    the prompt. inseq attributes the whole sequence but leaves the pad token out of the tokens it returns (SmolLM2's
+    pad token is its EOS, ``<|im_end|>``, which chat prompts hold) and cuts its score rows to that many positions: the
+    scores keep their original positions (the gradients equal ours bitwise there) and the context's last positions,
+    as many as it left out, are missing; the comparison covers the positions its rows keep."""
+    return shown == ids or ([t for t in ids if t != hidden] == shown and hidden not in ids[n_prompt:])
 
 
 # ------------------------------------------------------------------------------------------------------ the venv
@@ -382,7 +378,7 @@ def measure(args, model, tok, worker: Inseq, ex: tuple, method: str, order: int,
         if inseq_method == "reagent" and key in _REAGENT_RUNS:  # reagent and reagent_uniform share inseq's runs
             return _REAGENT_RUNS[key]
         r = worker.ask(op="attribute", method=inseq_method, prompt=prompt, full=full, seed=seed, init=init, args=call)
-        if "error" not in r and shown_width(ids, r["ids"], tok.pad_token_id, n_prompt) is None:
+        if "error" not in r and not same_tokens(ids, r["ids"], tok.pad_token_id, n_prompt):
             r = {"error": f"inseq attributed other ids ({len(r['ids'])} vs {len(ids)})"}
         if inseq_method == "reagent":
             _REAGENT_RUNS[key] = r
@@ -397,14 +393,10 @@ def measure(args, model, tok, worker: Inseq, ex: tuple, method: str, order: int,
         ours, t_ours, it_ours = run_ours(model, tok, method, ids, n_prompt, a, baseline, cfg)
     if "error" in th:
         return {"error": th["error"]}
-    width = len(th["scores"][0])  # the positions inseq's rows cover (see shown_width)
-
-    def as_shown(rows: list[list]) -> list[list]:
-        return [row[:width] for row in rows]
-
+    width = len(th["scores"][0])  # the positions inseq's rows cover (see same_tokens)
     row = {
         "n_tokens": len(ids), "n_prompt": n_prompt, "steps": len(ids) - n_prompt, "seconds_ours": t_ours,
-        "seconds_inseq": th["seconds"], "rho": per_step_spearman(as_shown(ours), th["scores"], n_prompt),
+        "seconds_inseq": th["seconds"], "rho": per_step_spearman([r[:width] for r in ours], th["scores"], n_prompt),
         "scores_ours": ours, "scores_inseq": th["scores"], "hidden_by_inseq": len(ids) - len(th["ids"]),
     }  # fmt: skip
     if method.startswith("reagent"):

@@ -295,7 +295,8 @@ def main() -> None:
     python = ensure_venv(Path(args.venv))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     for sid in items:  # item by item, theirs then ours: both sides of an item under the same load
-        todo = [r for r in rows if r["item"] == sid and row_key(r) not in load_rows(theirs_file)]
+        done = load_rows(theirs_file)
+        todo = [r for r in rows if r["item"] == sid and row_key(r) not in done]
         if todo:
             with tempfile.TemporaryDirectory() as tmp:
                 spec_file = Path(tmp) / "job.json"

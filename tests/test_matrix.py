@@ -55,10 +55,10 @@ ARGS = {
     # H12c: per-layer budgets as checked here (the global allocations: tests/test_remaining_methods.py)
     "kvgrad": "kvgrad(layerwise=True)",
     "kvcompose": "kvcompose(layerwise=True)",
-    # no heterogeneous head, so every head holds the budget checked here (heads keeping all: test_remaining_methods)
     "taskkv": "taskkv(ratio=0.5, n_sink=2)",  # one of the tiny models' two KV heads keeps everything
     "actqkv": "actqkv(n_init=2, n_local=2)",
 }
+WHOLE_HEADS = ("duoattention", "razorattention", "taskkv")  # some of their heads keep every token by design
 # keep-all methods whose neutral setting must leave attention untouched (the others change storage by design)
 NEUTRAL = {"full": "full", "zerotuning": "zerotuning(gamma=1.0)", "act": "act(beta=1.0)"}
 INNER = "snapkv(window=4)"
@@ -199,7 +199,7 @@ def test_at_zero_compression_every_method_is_transformers_bitwise(model, profile
 def _check_holds(method, cache, budget: int, seen: int, n_new: int, slack: int = 0) -> None:
     for idx, per_head in enumerate(held(cache)):
         want = expected_per_layer(method, budget, idx, seen, n_new)
-        if method.name in ("duoattention", "razorattention", "taskkv"):  # some heads keep everything by design
+        if method.name in WHOLE_HEADS:
             assert min(per_head) <= want + slack
         elif len(set(per_head)) > 1 or overrides(method, "select"):  # head-wise: the layer's budget, shared
             assert want * len(per_head) <= sum(per_head) <= (want + slack) * len(per_head)
@@ -267,7 +267,7 @@ def test_a_chunked_prefill_holds_budget_plus_chunk_at_most(model, profile_path, 
             run(model, cache, prompt_ids(45), steps=0, chunk=chunk)
     finally:
         SieveLayer.commit = original
-    if method.name not in ("duoattention", "razorattention", "taskkv") and post_prefill_method(method) is None:
+    if method.name not in WHOLE_HEADS and post_prefill_method(method) is None:
         assert max(peaks) <= 2 * budget + chunk  # head-wise budgets may give one head up to the layer's share
     _check_holds(method, cache, budget, 45, 5)
 
@@ -288,7 +288,7 @@ def test_a_periodic_budget_holds_at_most_budget_plus_interval_minus_one(model, p
         run(model, cache, prompt_ids(30), steps=12, watch=watch)
     for state in history[1:]:
         for per_head, want in state:
-            if method.name in ("duoattention", "razorattention", "taskkv"):
+            if method.name in WHOLE_HEADS:
                 assert min(per_head) <= want + interval - 1
             else:
                 assert sum(per_head) <= (want + interval - 1) * len(per_head)

@@ -90,12 +90,12 @@ def test_table_counts_the_tokens_compared_and_the_probes_that_stopped() -> None:
     assert cells[-1] == "170 / 180 (62% / 50% stopped)"  # medians of 40, 300 and 60, 300; 20 and 16 of 32 probes
 
 
-def test_shown_width_is_the_positions_inseq_scores_cover() -> None:
+def test_same_tokens_allows_only_the_pad_tokens_inseq_hides() -> None:
     ids = [5, 2, 7, 8, 2, 9, 4]  # pad token 2 twice in the prompt (6 tokens), target 4
-    assert vs.shown_width(ids, ids, 2, 6) == 7
-    assert vs.shown_width(ids, [5, 7, 8, 9, 4], 2, 6) == 5
-    assert vs.shown_width(ids, [5, 7, 8, 9], 2, 6) is None  # another sequence
-    assert vs.shown_width([5, 7, 2], [5, 7], 2, 2) is None  # a hidden target token: not comparable
+    assert vs.same_tokens(ids, ids, 2, 6)
+    assert vs.same_tokens(ids, [5, 7, 8, 9, 4], 2, 6)
+    assert not vs.same_tokens(ids, [5, 7, 8, 9], 2, 6)  # another sequence
+    assert not vs.same_tokens([5, 7, 2], [5, 7], 2, 2)  # a hidden target token: not comparable
 
 
 def test_align_splits_prompt_and_target_at_a_token_boundary(tiny) -> None:
