@@ -1,4 +1,5 @@
-"""Vision-language models: kvsieve on tiny random-weight LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Idefics3.
+"""Vision-language models: kvsieve on tiny random-weight LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and
+Idefics3.
 
 Every sequence method at keep 1.0 is bitwise the unpruned model; pruned passes compute and cache exactly the kept
 rows at their original positions (M-RoPE included); generation runs through ``model.generate``; bad input is refused.

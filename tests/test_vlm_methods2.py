@@ -1,5 +1,5 @@
 """flowcut, vflowopt and globalcom2 on tiny random-weight VLMs (LLaVA, LLaVA-NeXT AnyRes, Qwen2-VL, Qwen2.5-VL,
-Idefics3), and their algorithms on hand-made inputs.
+Qwen3-VL, Idefics3), and their algorithms on hand-made inputs.
 
 (Every registered sequence method also runs through tests/test_vlm.py: keep 1.0 bitwise, pruned layers computing and
 caching exactly the kept rows at their original (M-)RoPE positions, on every tiny VLM.)
@@ -26,7 +26,7 @@ from tiny_vlms import IMAGE_TOKEN, make_vlm
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 METHODS = ["flowcut", "vflowopt", "globalcom2"]
-ARCHS = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3"]
+ARCHS = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -37,7 +37,7 @@ def vlm(request):
 def _units(arch: str, n_images: int) -> list[int]:
     """Tokens per unit (image, or LLaVA-NeXT thumbnail and crops; its newline tokens are never pruned)."""
     return {"llava": [16] * n_images, "llava_next": [16] * 5 * n_images, "qwen2_vl": [16] * n_images,
-            "qwen2_5_vl": [16] * n_images, "idefics3": [4] * n_images}[arch]  # fmt: skip
+            "qwen2_5_vl": [16] * n_images, "qwen3_vl": [16] * n_images, "idefics3": [4] * n_images}[arch]  # fmt: skip
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -137,7 +137,7 @@ def test_globalcom2_unpadded_crops_map_onto_the_llm_tokens(monkeypatch):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_generation_end_to_end(method):
-    for arch in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
+    for arch in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         model, make = make_vlm(arch)
         inputs = make(n_images=1)
         n = inputs["input_ids"].shape[1]

@@ -1,8 +1,9 @@
-"""Pre-LLM pruning on a tiny random-weight Qwen2.5-VL (window attention in the vision tower, M-RoPE in the LLM).
+"""Pre-LLM pruning on a tiny random-weight Qwen2.5-VL (window attention in the vision tower, M-RoPE in the LLM) and
+Qwen3-VL (no window attention, DeepStack features added in the LLM; its own checks: tests/test_vlm_qwen3.py).
 
-The tiny tower (tests/tiny_vlms.py) has a windowed block and a full-attention block, and windows of 2 x 2 merged
-tokens, so its window order differs from the image's order: a statistic or a merged row put in the wrong order would
-move onto another token.
+The tiny Qwen2.5-VL tower (tests/tiny_vlms.py) has a windowed block and a full-attention block, and windows of 2 x 2
+merged tokens, so its window order differs from the image's order: a statistic or a merged row put in the wrong order
+would move onto another token. The tests taking the ``qwen`` fixture run on both models.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ def _spec(method: str, keep: float) -> str:
     return f"todre(keep={keep}, relevant=1.0)" if method == "todre" else f"{method}(keep={keep})"
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    return qwen2_5_vl()
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def qwen(request):
+    return qwen2_5_vl() if request.param == "qwen2_5_vl" else qwen3_vl()
 
 
 def test_every_pre_llm_method_is_registered_for_the_test():
     assert {"fopru", "hiprune", "visionzip", "todre", "flowcut", "vflowopt", "globalcom2"} <= set(PRUNING)
-    assert "qwen2_5_vl" in ADAPTERS
+    assert {"qwen2_5_vl", "qwen3_vl"} <= set(ADAPTERS)
 
 
 @pytest.mark.parametrize("method", PRE_LLM)
@@ -200,13 +201,12 @@ def test_refusals():
     with Sieve("full", sequence="todre(keep=0.5, relevant=1.0)").attach(no_full) as cache, torch.no_grad():
         no_full(**inputs, past_key_values=cache)
     assert cache.kv_tokens()[0] == inputs["input_ids"].shape[1] - TOKENS // 2
-    qwen3, _ = qwen3_vl()  # Qwen3-VL: refused as a whole (DeepStack), for pre-LLM and in-LLM methods alike
-    for spec in ("fopru(keep=0.5)", "fastv(keep=0.5)"):
-        with (
-            pytest.raises(UnsupportedModelError, match="unsupported vision-language architecture 'qwen3_vl'"),
-            Sieve("full", sequence=spec).attach(qwen3),
-        ):
-            pass
+    qwen3, make3 = qwen3_vl()  # Qwen3-VL's tower has no [CLS] either
+    with (
+        pytest.raises(UnsupportedModelError, match=r"no \[CLS\]"),
+        Sieve("full", sequence="vtc_cls(keep=0.5)").attach(qwen3) as cache,
+    ):
+        qwen3(**make3(), past_key_values=cache)
     fake = SimpleNamespace(config=SimpleNamespace(model_type="some_vlm", vision_config=object()))
     with pytest.raises(UnsupportedModelError, match=r"before the LLM.*in-LLM method"):
         adapter_for(fake, build("fopru"))

@@ -99,12 +99,15 @@ def llava_next() -> tuple[torch.nn.Module, Callable]:
 
 
 def _qwen(cls, config_cls, vocab: int = VOCAB, tokens: tuple[int, int, int, int] | None = None,
-          vision_base: dict | None = None, **vision_extra) -> tuple[torch.nn.Module, Callable]:  # fmt: skip
+          vision_base: dict | None = None, text_extra: dict | None = None,
+          **vision_extra) -> tuple[torch.nn.Module, Callable]:  # fmt: skip
     """``vocab``/``tokens`` (image, video, vision start, vision end ids): to pair the model with a real tokenizer
-    (``make_inputs`` uses the defaults). ``vision_base``: replaces the Qwen2-VL vision fields."""
+    (``make_inputs`` uses the defaults). ``vision_base``: replaces the Qwen2-VL vision fields; ``text_extra``: more
+    language-model fields."""
     image, video, start, end = tokens or (IMAGE_TOKEN, 101, 102, 103)
     text = {**TEXT, "vocab_size": vocab,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}  # fmt: skip
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            **(text_extra or {})}  # fmt: skip
     vision = vision_base or dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4)
     vision = dict(**vision, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                   **vision_extra)  # fmt: skip
@@ -151,13 +154,16 @@ def qwen2_5_vl(window_size: int = 16, fullatt_block_indexes: tuple[int, ...] = (
                  window_size=window_size, fullatt_block_indexes=list(fullatt_block_indexes))  # fmt: skip
 
 
-def qwen3_vl() -> tuple[torch.nn.Module, Callable]:
-    """Qwen3-VL (DeepStack features from encoder layer 0, interleaved M-RoPE): kvsieve refuses it (not in
-    ``VLMS``); built to test the refusal."""
-    model, make = _qwen(Qwen3VLForConditionalGeneration, Qwen3VLConfig, VOCAB, None,
-                        dict(depth=2, hidden_size=32, num_heads=4), intermediate_size=48, out_hidden_size=64,
-                        num_position_embeddings=64, deepstack_visual_indexes=[0])  # fmt: skip
-    return model, make
+def qwen3_vl(deepstack: tuple[int, ...] = (0, 1), vocab: int = VOCAB,
+             tokens: tuple[int, int, int, int] | None = None) -> tuple[torch.nn.Module, Callable]:  # fmt: skip
+    """Qwen3-VL: a ViT without window attention (learned position embeddings, 2D RoPE), DeepStack mergers at the
+    encoder blocks ``deepstack`` (their features are added to the image tokens after decoder layers 0, 1, ...) and
+    interleaved M-RoPE in the LLM (head_dim 16: the sections 2 + 3 + 3 fill its 8 frequencies). ``vocab``/``tokens``:
+    as for :func:`_qwen`."""
+    return _qwen(Qwen3VLForConditionalGeneration, Qwen3VLConfig, vocab, tokens,
+                 dict(depth=2, hidden_size=32, num_heads=4), intermediate_size=48, out_hidden_size=64,
+                 num_position_embeddings=64, deepstack_visual_indexes=list(deepstack),
+                 text_extra={"head_dim": 16})  # fmt: skip
 
 
 def idefics3() -> tuple[torch.nn.Module, Callable]:
@@ -181,7 +187,7 @@ def idefics3() -> tuple[torch.nn.Module, Callable]:
 
 
 BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,
-            "idefics3": idefics3}  # fmt: skip
+            "qwen3_vl": qwen3_vl, "idefics3": idefics3}  # fmt: skip
 VLMS = list(BUILDERS)
 
 

@@ -727,7 +727,8 @@ def load_processor(name_or_path: str | os.PathLike[str]) -> Any:
     tokens the model expects) into the model's inputs: ``processor(images=..., text=..., return_tensors="pt")``.
 
     Raises:
-        KVSieveError: the model is a text model (use :func:`load_tokenizer`), or the processor cannot be loaded.
+        KVSieveError: the model is a text model (use :func:`load_tokenizer`), the processor cannot be loaded, or it
+            needs a package that is not installed (Qwen2-VL's and Qwen3-VL's processors need torchvision).
     """
     config = load_config(name_or_path)
     if not is_vision_language(config):
@@ -742,6 +743,13 @@ def load_processor(name_or_path: str | os.PathLike[str]) -> Any:
         return AutoProcessor.from_pretrained(source.where, local_files_only=source.local_files_only)
     except _LOAD_ERRORS as exc:
         raise _load_error(source, "processor", exc) from exc
+    except ImportError as exc:  # e.g. Qwen2/3-VL's video processor without torchvision
+        what = " ".join(str(exc).split()).split(". ")[0]
+        fix = "pip install torchvision" if "torchvision" in what.lower() else "install the package it names"
+        raise KVSieveError(
+            f"the processor of {model_label(name_or_path)!r} ({config.model_type}) needs a package that is not "
+            f"installed ({what}); {fix}"
+        ) from None
 
 
 def language_attention(model: torch.nn.Module, name: str | None = None) -> Any:

@@ -39,8 +39,9 @@ from .rope import find_inv_freq
 
 # Architectures whose attention goes through AttentionInterface and that the test suite covers: the language model's
 # type (``config.get_text_config().model_type``) and, for vision-language models, the model's own type.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen2_vl_text", "qwen2_5_vl_text")
-SUPPORTED_VLM_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen2_vl_text", "qwen2_5_vl_text",
+                         "qwen3_vl_text")  # fmt: skip
+SUPPORTED_VLM_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm")
 
 DEFAULT_INTERVAL = 16  # decoding steps between evictions of a token budget: held <= budget + 15, see Budget
 

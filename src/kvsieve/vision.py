@@ -10,7 +10,7 @@ How, without patching transformers:
 - forward hooks on the encoder's attention modules recompute, at the requested layers only, the attention
   probabilities from the module's own query/key projections (sdpa never returns them) and keep the [CLS] row, the
   attention each patch receives (averaged over queries and heads) and the keys (averaged over heads);
-- a forward hook on the projector (LLaVA's ``multi_modal_projector``, Qwen2-VL's ``visual.merger``, Idefics3's
+- a forward hook on the projector (LLaVA's ``multi_modal_projector``, Qwen2/3-VL's ``visual.merger``, Idefics3's
   ``connector``) calls the method with the features and statistics, writes the merged rows into its output and records
   which image tokens go on; the first decoder layer's hook (:mod:`kvsieve.sequence`) then drops the other rows before
   the LLM computes anything, keeping every kept token's original position (M-RoPE included).
@@ -19,9 +19,9 @@ The image-token placeholders and the number of features are unchanged, so the mo
 position computation run as usual. The hooks are registered when ``attach`` starts and removed when it ends.
 Supported: LLaVA-1.5 (CLIP, [CLS]), LLaVA-NeXT (CLIP, [CLS], AnyRes: a thumbnail and crops per image, each a unit;
 the row-end newline tokens always go on), Qwen2-VL (no [CLS]), Qwen2.5-VL (no [CLS], window attention: statistics
-from its full-attention blocks, in the original patch order), Idefics3 / SmolVLM (SigLIP, no [CLS], pixel shuffle).
-Qwen3-VL is not supported (kvsieve refuses the model as a whole: its DeepStack features are added to the LLM's
-hidden states at the image positions of early decoder layers, which pruned rows would no longer match).
+from its full-attention blocks, in the original patch order), Qwen3-VL (no [CLS], no window attention; its DeepStack
+features, added to the image tokens' hidden states after the first decoder layers, follow the kept rows:
+:mod:`kvsieve.deepstack`), Idefics3 / SmolVLM (SigLIP, no [CLS], pixel shuffle).
 
 A method may ask for more than the default statistics (``VisionPruner.encoder_extras``): the per-head values, the
 attention from the mean query (a relay for encoders without [CLS]), the head-averaged attention matrix, and the
@@ -359,13 +359,20 @@ class LlavaAdapter(_SiglipLike):
 
 
 class _InstanceAttribute:
-    """A handle whose ``remove()`` deletes an attribute set on one instance (its class's method shows again)."""
+    """A handle whose ``remove()`` undoes an attribute set on one instance after the handle was made: the value the
+    instance had before (an enclosing ``attach`` block's), or none, so that its class's method shows again."""
+
+    _NONE = object()
 
     def __init__(self, obj, name: str):
         self.obj, self.name = obj, name
+        self.before = obj.__dict__.get(name, self._NONE)
 
     def remove(self) -> None:
-        self.obj.__dict__.pop(self.name, None)
+        if self.before is self._NONE:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            self.obj.__dict__[self.name] = self.before
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -384,6 +391,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def extra_hooks(self, current: dict) -> list:
         # the image sizes reach only get_image_features (called by the forward, or by generate before it), not the
         # tower: wrap that method on this model instance for the attach block (removed with the other hooks)
+        handle = _InstanceAttribute(self.inner, "get_image_features")
         original = self.inner.get_image_features
 
         @functools.wraps(original)  # generate reads the signature to route the image inputs
@@ -394,7 +402,7 @@ class LlavaNextAdapter(LlavaAdapter):
             return original(*args, **kwargs)
 
         self.inner.get_image_features = capture
-        return [_InstanceAttribute(self.inner, "get_image_features")]
+        return [handle]
 
     def units(self, output, grid):
         from transformers.models.llava_next.modeling_llava_next import (
@@ -611,9 +619,24 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         return torch.cat(units, dim=0)[self.window_index.to(output.device)]
 
 
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL: Qwen2-VL's tower layout (2D RoPE, no [CLS], 2 x 2 merger ``visual.merger``) with learned position
+    embeddings added before the blocks and no window attention (every block attends over the whole image, so any
+    block's statistics are read as they are). Its DeepStack mergers feed the LLM besides ``visual.merger``: the
+    features they add after the first decoder layers follow the kept rows (:mod:`kvsieve.deepstack`, installed here
+    for in-LLM methods too)."""
+
+    name = "qwen3_vl"
+
+    def extra_hooks(self, current: dict) -> list:
+        from .deepstack import install_deepstack
+
+        return install_deepstack(self.model, current)
+
+
 ADAPTERS: dict[str, type[Adapter]] = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter, "qwen2_vl": Qwen2VLAdapter,
-                                      "qwen2_5_vl": Qwen25VLAdapter, "idefics3": Idefics3Adapter,
-                                      "smolvlm": Idefics3Adapter}  # fmt: skip
+                                      "qwen2_5_vl": Qwen25VLAdapter, "qwen3_vl": Qwen3VLAdapter,
+                                      "idefics3": Idefics3Adapter, "smolvlm": Idefics3Adapter}  # fmt: skip
 
 
 def adapter_for(model: torch.nn.Module, method) -> Adapter:
