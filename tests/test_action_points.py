@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from kvsieve import KVSieveError, Sieve, UnsupportedModelError, build, list_methods
+from kvsieve import KVSieveError, Sieve, build, list_methods
 from kvsieve.attention import AttentionCall, block_sparse, causal_allowed, dense
 from tiny_models import ARCHS, make_model, prompt_ids
 
@@ -145,7 +145,7 @@ def test_prefill_specs_are_checked_for_their_kind():
 
 
 # --- sequence -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
 def test_keeping_every_token_is_bitwise_no_pruning(arch):
     model = make_model(arch)
     ids = prompt_ids(50)
@@ -200,11 +200,9 @@ def test_sequence_errors_before_any_work():
         Sieve("full", sequence="fastv(layer=5)").attach(llama),
     ):
         pass
-    with (
-        pytest.raises(UnsupportedModelError, match="sliding-window"),
-        Sieve("full", sequence="fastv(layer=0)").attach(gemma),
-    ):
-        pass
+    with Sieve("full", sequence="fastv(layer=0, keep=0.5)").attach(gemma) as cache:  # sliding layers follow the rows
+        gemma(prompt_ids(30), past_key_values=cache)
+    assert cache.kv_tokens() == [7, 15, 7, 15]  # window 8: the sliding layers hold 7; layer 1 on holds the kept rows
     with (
         pytest.raises(KVSieveError, match="re-indexing"),
         Sieve("streaming_llm", budget=16, sequence="fastv(layer=0)").attach(llama),

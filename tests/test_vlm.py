@@ -1,5 +1,5 @@
-"""Vision-language models: kvsieve on tiny random-weight LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and
-Idefics3.
+"""Vision-language models: kvsieve on tiny random-weight LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Idefics3 and Gemma 3.
 
 Every sequence method at keep 1.0 is bitwise the unpruned model; pruned passes compute and cache exactly the kept
 rows at their original positions (M-RoPE included); generation runs through ``model.generate``; bad input is refused.
@@ -15,8 +15,8 @@ import torch
 from transformers import DynamicCache
 
 from kvsieve import KVSieveError, Sieve, UnsupportedModelError, list_methods
+from kvsieve.cache import SieveLayer
 from kvsieve.sequence import stream_modality
-from kvsieve.sieve import check_model
 from kvsieve.vision import ADAPTERS, VisionPruner
 from tiny_vlms import VLMS, llava, make_vlm
 
@@ -119,8 +119,17 @@ def _layer_rows(model, spec, inputs):
         finally:
             for h in handles:
                 h.remove()
-        positions = [layer.segments[0].positions[0, 0].clone() for layer in cache.sieve_layers()]
+        positions = {i: layer.segments[0].positions[0, 0].clone() for i, layer in enumerate(cache.layers)
+                     if isinstance(layer, SieveLayer)}  # fmt: skip
         return rows, embs, positions, cache.kv_tokens(), logits
+
+
+def _holds(model, i: int, rows: int) -> int:
+    """Tokens decoder layer ``i`` holds after computing ``rows`` rows: all of them, or on a sliding-window layer
+    (Gemma 3) the last ``window - 1`` (transformers' own sliding cache layer)."""
+    text = model.config.get_text_config()
+    sliding = (getattr(text, "layer_types", None) or ["full_attention"] * (i + 1))[i] == "sliding_attention"
+    return min(rows, text.sliding_window - 1) if sliding else rows
 
 
 def test_pruned_layers_compute_and_cache_exactly_the_kept_tokens_at_their_positions(vlm):
@@ -133,9 +142,12 @@ def test_pruned_layers_compute_and_cache_exactly_the_kept_tokens_at_their_positi
         if (_prelm(spec) and arch not in ADAPTERS) or (spec.startswith("vtc_cls") and arch != "llava"):
             continue
         rows, embs, positions, held, logits = _layer_rows(model, spec, inputs)
+        assert logits.shape[1] == rows[max(rows)]
         for i in rows:
-            assert rows[i] == held[i] == positions[i].numel(), (spec, i)  # computed rows == cached tokens
-            assert logits.shape[1] == rows[max(rows)]
+            assert held[i] == _holds(model, i, rows[i]), (spec, i)  # computed rows == cached tokens
+            if i not in positions:  # a sliding-window layer: transformers' cache layer, no positions kept
+                continue
+            assert rows[i] == positions[i].numel(), (spec, i)
             kept = positions[i]
             assert bool((kept[1:] > kept[:-1]).all()) and int(kept[-1]) == n - 1  # in order; the last token stays
             cos, sin = embs[i]
@@ -163,7 +175,10 @@ def test_cache_methods_run_on_vlms(vlm):
     n = inputs["input_ids"].shape[1]
     with Sieve("snapkv", compression=0.5).attach(model) as cache:
         _run(model, cache, inputs, steps=2)
-    assert cache.kv_tokens() == [n // 2 + 2] * model.config.get_text_config().num_hidden_layers
+    layers = model.config.get_text_config().num_hidden_layers
+    # sliding-window layers (Gemma 3) are not compressed: they hold their window
+    expected = [n // 2 + 2 if _holds(model, i, n) == n else _holds(model, i, n + 2) for i in range(layers)]
+    assert cache.kv_tokens() == expected
 
 
 def test_tokens_are_tagged_with_modality_and_image(vlm):
@@ -216,21 +231,6 @@ def test_bad_input_is_refused_before_any_work():
         Sieve("full", sequence="vtc_cls").attach(qwen2) as cache,
     ):
         qwen2(**make_q(), past_key_values=cache)
-
-
-def test_gemma3_multimodal_is_refused_with_the_reason():
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-    config = Gemma3Config(
-        text_config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        mm_tokens_per_image=4,
-    )  # fmt: skip
-    model = Gemma3ForConditionalGeneration(config)
-    with pytest.raises(UnsupportedModelError, match="both directions"):
-        check_model(model)
 
 
 def test_load_model_and_processor_from_a_local_directory(tmp_path):

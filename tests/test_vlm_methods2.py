@@ -1,5 +1,5 @@
 """flowcut, vflowopt and globalcom2 on tiny random-weight VLMs (LLaVA, LLaVA-NeXT AnyRes, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, Idefics3), and their algorithms on hand-made inputs.
+Qwen3-VL, Idefics3, Gemma 3), and their algorithms on hand-made inputs.
 
 (Every registered sequence method also runs through tests/test_vlm.py: keep 1.0 bitwise, pruned layers computing and
 caching exactly the kept rows at their original (M-)RoPE positions, on every tiny VLM.)
@@ -20,13 +20,13 @@ from kvsieve.methods.flowcut import flow_keep, prune_count
 from kvsieve.methods.globalcom2 import crop_scales
 from kvsieve.methods.vflowopt import global_attention, recycle
 from kvsieve.vision import ADAPTERS, grey_entropy
-from test_vlm import _layer_rows, _run
+from test_vlm import _holds, _layer_rows, _run
 from tiny_vlms import IMAGE_TOKEN, make_vlm
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 METHODS = ["flowcut", "vflowopt", "globalcom2"]
-ARCHS = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3"]
+ARCHS = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "gemma3"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -37,7 +37,8 @@ def vlm(request):
 def _units(arch: str, n_images: int) -> list[int]:
     """Tokens per unit (image, or LLaVA-NeXT thumbnail and crops; its newline tokens are never pruned)."""
     return {"llava": [16] * n_images, "llava_next": [16] * 5 * n_images, "qwen2_vl": [16] * n_images,
-            "qwen2_5_vl": [16] * n_images, "qwen3_vl": [16] * n_images, "idefics3": [4] * n_images}[arch]  # fmt: skip
+            "qwen2_5_vl": [16] * n_images, "qwen3_vl": [16] * n_images, "idefics3": [4] * n_images,
+            "gemma3": [16] * n_images}[arch]  # fmt: skip
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -59,12 +60,13 @@ def test_exactly_the_kept_image_tokens_reach_the_llm_at_their_positions(vlm, met
     for keep in (0.5, 0.25):
         rows, embs, positions, held, _ = _layer_rows(model, f"{method}(keep={keep})", inputs)
         dropped = sum(u - max(1, int(u * keep)) for u in _units(arch, 2))
-        assert set(rows.values()) == {n - dropped} and set(held) == {n - dropped}, (arch, keep)
-        kept = positions[0]
+        assert set(rows.values()) == {n - dropped}, (arch, keep)
+        assert held == [_holds(model, i, n - dropped) for i in range(len(held))], (arch, keep)
+        i, kept = next(iter(positions.items()))  # the first layer that keeps positions (not sliding-window)
         ids = inputs["input_ids"][0]
         assert int((ids[kept] != IMAGE_TOKEN).sum()) == int((ids != IMAGE_TOKEN).sum())  # every text token stays
-        cos, _ = embs[0]
-        assert torch.equal(cos, full_embs[0][0].index_select(-2, kept))  # original (M-)RoPE positions
+        cos, _ = embs[i]
+        assert torch.equal(cos, full_embs[i][0].index_select(-2, kept))  # original (M-)RoPE positions
 
 
 def _record_choice(monkeypatch, cls):
@@ -137,7 +139,7 @@ def test_globalcom2_unpadded_crops_map_onto_the_llm_tokens(monkeypatch):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_generation_end_to_end(method):
-    for arch in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    for arch in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"):
         model, make = make_vlm(arch)
         inputs = make(n_images=1)
         n = inputs["input_ids"].shape[1]

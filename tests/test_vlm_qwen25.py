@@ -87,7 +87,7 @@ def test_kept_tokens_keep_their_original_m_rope_position_ids(qwen):
         full, _ = model.model.get_rope_index(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], **extra)
     _, embs, positions, _, _ = _layer_rows(model, "hiprune(keep=0.25)", inputs)
     rotary = model.model.language_model.rotary_emb
-    for i, kept in enumerate(positions):
+    for i, kept in positions.items():
         assert kept.numel() == inputs["input_ids"].shape[1] - 2 * (TOKENS - 4)
         ids = full[:, :, kept]
         assert bool((ids[1:, 0, 1:] != ids[1:, 0, :-1] + 1).any())  # kept image tokens skip grid positions

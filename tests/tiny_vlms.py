@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     LlamaConfig,
@@ -186,8 +188,39 @@ def idefics3() -> tuple[torch.nn.Module, Callable]:
     return model, make_inputs
 
 
+def gemma3(sliding_window: int = 8, vocab: int = VOCAB,
+           tokens: tuple[int, int, int] | None = None) -> tuple[torch.nn.Module, Callable]:  # fmt: skip
+    """Gemma 3 multimodal: SigLIP tower (no [CLS], 8 x 8 patches), a projector averaging 2 x 2 patches into 16 tokens,
+    a language model with sliding-window layers (window ``sliding_window``, shorter than the prompts) and full layers,
+    and image tokens that attend to each other in both directions (``token_type_ids``: 1 for image tokens).
+    ``vocab``/``tokens`` (begin-of-image, image, end-of-image ids): to pair the model with a real tokenizer
+    (``make_inputs`` uses the defaults)."""
+    boi, image, eoi = tokens or (102, IMAGE_TOKEN, 103)
+    text = dict(TEXT, vocab_size=vocab, head_dim=16, sliding_window=sliding_window,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, mm_tokens_per_image=16, image_token_index=image, boi_token_index=boi,
+        eoi_token_index=eoi,
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8),
+    )  # fmt: skip
+    model = _build(Gemma3ForConditionalGeneration, config)
+
+    def make_inputs(n_images: int = 1, text_before: int = 5, text_after: int = 6, seed: int = 0) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        pieces = [_text_ids(gen, text_before)]
+        for _ in range(n_images):
+            pieces += [[102], [IMAGE_TOKEN] * 16, [103], _text_ids(gen, 2)]
+        pieces.append(_text_ids(gen, text_after))
+        ids = _ids(pieces)
+        return {"input_ids": ids, "pixel_values": torch.randn(n_images, 3, 64, 64, generator=gen),
+                "token_type_ids": (ids == IMAGE_TOKEN).long()}  # fmt: skip
+
+    return model, make_inputs
+
+
 BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,
-            "qwen3_vl": qwen3_vl, "idefics3": idefics3}  # fmt: skip
+            "qwen3_vl": qwen3_vl, "idefics3": idefics3, "gemma3": gemma3}  # fmt: skip
 VLMS = list(BUILDERS)
 
 

@@ -52,17 +52,37 @@ def causal_allowed(q: int, t: int, valid: torch.Tensor | None, rows: slice | Non
 
 
 def sliding_allowed(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, k_valid: torch.Tensor | None
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int | None,
+    k_valid: torch.Tensor | None,
+    together: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Visibility ``(B|1, 1, q, K)`` from sequence indices (for transformers' sliding-window layers)."""
-    allowed = k_pos[None, :] <= q_pos[:, None]
+    """Visibility ``(B|1, 1, q, K)`` from sequence indices ``(q,)``/``(K,)``, or per batch row ``(B, q)``/``(B, K)``
+    (for transformers' sliding-window layers): causal, or within one image (``together``, see
+    :func:`with_groups`; the new tokens are the last ``q`` keys), and within the window."""
+    qp, kp = (q_pos[None], k_pos[None]) if q_pos.dim() == 1 else (q_pos, k_pos)
+    allowed = kp[:, None, :] <= qp[:, :, None]
+    if together is not None:
+        allowed = with_groups(allowed[:, None], together, kp.shape[1])[:, 0]
     if window is not None:
-        allowed &= (q_pos[:, None] - k_pos[None, :]) < window
-    allowed = allowed[None, None]
+        allowed &= (qp[:, :, None] - kp[:, None, :]) < window
+    allowed = allowed[:, None]
     if k_valid is not None:
-        own = k_pos[None, :] == q_pos[:, None]
-        allowed = allowed & (k_valid[:, None, None, :] | own[None, None])
+        own = kp[:, None, :] == qp[:, :, None]
+        allowed = allowed & (k_valid[:, None, None, :] | own[:, None])
     return allowed
+
+
+def with_groups(allowed: torch.Tensor, together: torch.Tensor, t: int) -> torch.Tensor:
+    """``allowed`` ``(B|1, h|1, q, T)`` with the new queries and the new keys (the last ``q`` of ``T``) of one image
+    made visible to each other: ``together`` ``(B, q)`` is each new token's image (-1: none), as Gemma 3's
+    bidirectional attention within an image (transformers' ``blockwise_overlay`` of ``token_type_ids``)."""
+    q = together.shape[1]
+    same = (together[:, :, None] == together[:, None, :]) & (together[:, :, None] >= 0)  # (B, q, q)
+    out = allowed.expand(together.shape[0], *allowed.shape[1:]).clone()
+    out[..., t - q :] |= same[:, None].to(out.device)
+    return out
 
 
 def sdpa_output(
@@ -107,7 +127,8 @@ class AttentionCall:
 
     ``query`` ``(B, h*g, q, D)`` (the ``q`` new tokens); ``keys``/``values`` ``(B, h, T, D)``, the new tokens in the
     last ``q`` slots; ``valid`` ``(B, h, T)`` or None; ``positions`` ``(B, h, T)``; ``bias`` an additive logit bias
-    ``(B|1, h*g|1, q, T)`` or None. Output of every compute: ``(B, q, h*g, D)``.
+    ``(B|1, h*g|1, q, T)`` or None; ``together`` ``(B, q)``: each new token's image where the tokens of one image
+    attend to each other in both directions (Gemma 3; -1: none), or None. Output of every compute: ``(B, q, h*g, D)``.
     """
 
     module: torch.nn.Module
@@ -119,6 +140,7 @@ class AttentionCall:
     scaling: float
     dropout: float = 0.0
     bias: torch.Tensor | None = None
+    together: torch.Tensor | None = None
     layer_idx: int = 0
     n_layers: int = 1
     # run state a compute method may keep (``layer_state``: this layer; ``shared``: this cache, e.g. its statistics)
@@ -131,14 +153,17 @@ class AttentionCall:
 
 
 def dense(call: AttentionCall) -> torch.Tensor:
-    """Dense causal attention over every held slot (the reference compute)."""
+    """Dense causal attention over every held slot (the reference compute); the new tokens of one image see each
+    other when ``call.together`` says so."""
     q, t = call.n_new, call.keys.shape[2]
     valid = call.valid
     allowed = None
-    if needs_mask(q, t, valid) or call.bias is not None:
+    if needs_mask(q, t, valid) or call.bias is not None or call.together is not None:
         if valid is not None and valid.shape[1] > 1 and bool((valid == valid[:, :1]).all()):
             valid = valid[:, :1]
         allowed = causal_allowed(q, t, valid, device=call.query.device)
+        if call.together is not None:
+            allowed = with_groups(allowed, call.together, t)
     return sdpa_output(call.module, call.query, call.keys, call.values, allowed, call.scaling, call.dropout, call.bias)
 
 

@@ -181,8 +181,11 @@ def observation(
 
 
 def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torch.Tensor, new_valid, scaling: float,
-              dropout: float, position_ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """One forward pass of one full-attention layer (see the module docstring); returns ``(B, q, Hq, D)``."""
+              dropout: float, position_ids: torch.Tensor,
+              together: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """One forward pass of one full-attention layer (see the module docstring); returns ``(B, q, Hq, D)``.
+    ``together``: the image of each new token whose tokens attend to each other (Gemma 3), or None; the attention
+    output follows it, the statistics methods read stay causal."""
     q = query.shape[2]
     layer_idx = module.layer_idx
     layer.commit(position_ids, new_valid)
@@ -191,8 +194,8 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
     if session.plain:  # keep-all with no hook to run: attention over what is held, nothing else
         (seg,) = layer.segments
         call = attn.AttentionCall(module, query, seg.keys, seg.values, seg.valid, seg.positions, scaling, dropout,
-                                  layer_idx=layer_idx, n_layers=session.n_layers, layer_state=layer.layer_state,
-                                  shared=cache.shared)  # fmt: skip
+                                  together=together, layer_idx=layer_idx, n_layers=session.n_layers,
+                                  layer_state=layer.layer_state, shared=cache.shared)  # fmt: skip
         out, _ = session.compute(call, None, q, False)
         session.sequence_step(cache, layer_idx, [(query, seg.keys, seg.positions, seg.valid)], scaling, q)
         return out
@@ -211,7 +214,7 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
             q_seg = query[:, seg.head_start * groups : (seg.head_start + seg.n_heads) * groups]
             keys, values = seg.read() if not layer.rerotate else _rotated(layer, seg)
             call = attn.AttentionCall(module, q_seg, keys, values, seg.valid, seg.positions, scaling, dropout,
-                                      layer_idx=layer_idx, n_layers=session.n_layers,
+                                      together=together, layer_idx=layer_idx, n_layers=session.n_layers,
                                       layer_state=layer.layer_state, shared=cache.shared)  # fmt: skip
             outputs.append(session.compute(call, None, q, False)[0])
         if session.sequence is not None:
@@ -230,8 +233,8 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
             obs = observation(ctx, seg, keys, values, q_seg, scaling, budget, read_budget)
             obs.module = module
             call = attn.AttentionCall(module, q_seg, keys, values, seg.valid, seg.positions, scaling, dropout,
-                                      bias=method.logit_bias(obs) if session.biases else None, layer_idx=layer_idx,
-                                      n_layers=session.n_layers, layer_state=layer.layer_state,
+                                      bias=method.logit_bias(obs) if session.biases else None, together=together,
+                                      layer_idx=layer_idx, n_layers=session.n_layers, layer_state=layer.layer_state,
                                       shared=cache.shared)  # fmt: skip
             out, probs = session.compute(call, obs, q, steady)
             outputs.append(out)

@@ -237,8 +237,9 @@ def stream_modality(obs: Observation) -> torch.Tensor | None:
 
 
 # --- checks -----------------------------------------------------------------------------------------------------
-def check_sequence(sieve, model: torch.nn.Module, sliding: bool) -> None:
-    """Refuse, before any work, what the sequence action point cannot keep consistent."""
+def check_sequence(sieve, model: torch.nn.Module) -> None:
+    """Refuse, before any work, what the sequence action point cannot keep consistent. (Sliding-window layers follow
+    the kept rows at their original positions: :mod:`kvsieve.sliding`.)"""
     seq: SequenceMethod = sieve.sequence
     n_layers = model.config.get_text_config().num_hidden_layers
     stages = merged_stages(seq.stages(n_layers)) if isinstance(seq, Pruner) else [Stage(seq.layer, seq.keep)]
@@ -250,11 +251,6 @@ def check_sequence(sieve, model: torch.nn.Module, sliding: bool) -> None:
             )
     if any(b.keep > a.keep for a, b in itertools.pairwise(stages)):
         raise KVSieveError(f"{seq.name}: each stage must keep no more tokens than the one before; got {stages}")
-    if sliding:
-        raise UnsupportedModelError(
-            f"{seq.name} prunes tokens between layers, which transformers' sliding-window layers (this model has "
-            "some) cannot follow; use a model with full attention in every layer"
-        )
     if sieve.method.rerotate:
         raise KVSieveError(
             f"{seq.name} leaves gaps in the token positions, which {sieve.method.name}'s re-indexing cannot follow; "

@@ -36,12 +36,13 @@ from .methods import build
 from .methods.base import Method, PrefillMethod, SequenceMethod, batch_rule, overrides, read_budget_of
 from .pipeline import run_layer
 from .rope import find_inv_freq
+from .sliding import BIDIRECTIONAL_IMAGES, attend_window, image_groups
 
 # Architectures whose attention goes through AttentionInterface and that the test suite covers: the language model's
 # type (``config.get_text_config().model_type``) and, for vision-language models, the model's own type.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen2_vl_text", "qwen2_5_vl_text",
                          "qwen3_vl_text")  # fmt: skip
-SUPPORTED_VLM_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm")
+SUPPORTED_VLM_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3")
 
 DEFAULT_INTERVAL = 16  # decoding steps between evictions of a token budget: held <= budget + 15, see Budget
 
@@ -270,7 +271,7 @@ class Sieve:
         if self.sequence is not None:
             from .sequence import check_sequence
 
-            check_sequence(self, model, sliding)
+            check_sequence(self, model)
         from .models import language_attention
 
         before = language_attention(model)  # of the language model: a VLM's vision tower keeps its own
@@ -307,14 +308,8 @@ def check_model(model: torch.nn.Module) -> None:
     model_type = getattr(config.get_text_config(), "model_type", None) if config is not None else None
     outer = getattr(config, "model_type", None)
     if getattr(config, "vision_config", None) is not None and outer not in SUPPORTED_VLM_TYPES:
-        why = (
-            " (Gemma 3 lets image tokens attend to each other in both directions, which kvsieve's causal attention "
-            "does not reproduce)"
-            if outer == "gemma3"
-            else ""
-        )
         raise UnsupportedModelError(
-            f"unsupported vision-language architecture {outer!r} ({type(model).__name__}){why}: kvsieve supports "
+            f"unsupported vision-language architecture {outer!r} ({type(model).__name__}): kvsieve supports "
             f"{', '.join(SUPPORTED_VLM_TYPES)}. Use one of these, or the language model alone."
         )
     if model_type not in SUPPORTED_MODEL_TYPES or not model._can_set_attn_implementation():
@@ -352,6 +347,8 @@ class Session:
         self.plain = m.kind == "keep-all" and not any(
             overrides(m, hook) for hook in ("observe", "logit_bias", "pack", "reads", "attention_request")
         )
+        # Gemma 3: the tokens of one image attend to each other in both directions during a prefill
+        self.bidirectional = getattr(model.config, "model_type", None) in BIDIRECTIONAL_IMAGES
         self.active = True
         self._hooks: list = []
 
@@ -410,6 +407,11 @@ class Session:
             if index is not None:
                 return attn.read_selected(call, index), None
         if q > 1 and self.prefill is not None:
+            if call.together is not None and not self.prefill.exact:
+                raise UnsupportedModelError(
+                    f"{self.prefill.name} computes causal attention, and this model's image tokens attend to each "
+                    "other in both directions; run the prompts with images without a prefill method"
+                )
             return self.prefill.attend(call), None
         if with_probs and q == 1:
             return attn.decode_with_probs(call)
@@ -449,6 +451,7 @@ class Session:
             scaling = query.shape[-1] ** -0.5
         layer = cache.layers[layer_idx]
         q = query.shape[2]
+        together = image_groups(cache, q) if self.bidirectional else None
         if self.batch_rule != "any" and query.shape[0] > 1:
             if self.batch_rule == "single":
                 raise KVSieveError(
@@ -471,9 +474,10 @@ class Session:
             new_valid = None
             if attention_mask is not None and not bool(attention_mask[:, -q:].all()):
                 new_valid = attention_mask[:, -q:].bool()
-            out = run_layer(self, module, cache, layer, query, new_valid, scaling, dropout, position_ids)
+            out = run_layer(self, module, cache, layer, query, new_valid, scaling, dropout, position_ids, together)
             return out, None
-        return _attend_window(module, layer, query, key, value, attention_mask, scaling, dropout, kwargs), None
+        return attend_window(module, cache, layer, query, key, value, attention_mask, scaling, dropout, kwargs,
+                             together), None  # fmt: skip
 
     def sequence_step(self, cache, layer_idx: int, pieces: list[tuple], scaling: float, q: int) -> None:
         """At the sequence method's layer, in a prefill pass: decide which tokens go on (see kvsieve.sequence)."""
@@ -497,23 +501,6 @@ class Session:
             raise ContextLengthError(
                 f"position {top} is beyond the model's window of {self.max_positions} tokens: {how}."
             )
-
-
-def _attend_window(module, layer, query, key, value, mask2d, scaling, dropout, kwargs):
-    """Attention for transformers' own sliding-window layers, masked as transformers would mask them."""
-    q, k = query.shape[2], key.shape[2]
-    seen = layer.cumulative_length
-    window = kwargs.get("sliding_window")
-    k_pos = torch.arange(seen - k, seen, device=query.device)
-    q_pos = torch.arange(seen - q, seen, device=query.device)
-    k_valid = None
-    if mask2d is not None and not bool(mask2d.all()):
-        if mask2d.shape[-1] < seen:
-            raise UnsupportedModelError("with padding, pass the attention mask for every token seen so far")
-        k_valid = mask2d[:, seen - k : seen].bool()
-    plain = k_valid is None and (window is None or k < window) and (q == 1 or k == q)
-    allowed = None if plain else attn.sliding_allowed(q_pos, k_pos, window, k_valid)
-    return attn.sdpa_output(module, query, key, value, allowed, scaling, dropout)
 
 
 def _sieve_attention(module, query, key, value, attention_mask, **kwargs):

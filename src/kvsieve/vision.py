@@ -21,7 +21,8 @@ Supported: LLaVA-1.5 (CLIP, [CLS]), LLaVA-NeXT (CLIP, [CLS], AnyRes: a thumbnail
 the row-end newline tokens always go on), Qwen2-VL (no [CLS]), Qwen2.5-VL (no [CLS], window attention: statistics
 from its full-attention blocks, in the original patch order), Qwen3-VL (no [CLS], no window attention; its DeepStack
 features, added to the image tokens' hidden states after the first decoder layers, follow the kept rows:
-:mod:`kvsieve.deepstack`), Idefics3 / SmolVLM (SigLIP, no [CLS], pixel shuffle).
+:mod:`kvsieve.deepstack`), Idefics3 / SmolVLM (SigLIP, no [CLS], pixel shuffle), Gemma 3 (SigLIP, no [CLS], k x k
+average pooling; its image tokens attend to each other in both directions: :mod:`kvsieve.sliding`).
 
 A method may ask for more than the default statistics (``VisionPruner.encoder_extras``): the per-head values, the
 attention from the mean query (a relay for encoders without [CLS]), the head-averaged attention matrix, and the
@@ -475,6 +476,31 @@ class Idefics3Adapter(_SiglipLike):
         return torch.stack(units, dim=0)
 
 
+class Gemma3Adapter(_SiglipLike):
+    """Gemma 3: SigLIP without [CLS], one pass per image; the projector averages ``k x k`` patches (``k`` = patches
+    per side / tokens per side) into each token. Its image tokens attend to each other in both directions in the LLM
+    (:mod:`kvsieve.sliding`), which follows the kept rows."""
+
+    name = "gemma3"
+
+    def projector(self) -> torch.nn.Module:
+        return self.inner.multi_modal_projector
+
+    def units(self, output, grid):
+        u = output.shape[0]
+        projector = self.inner.multi_modal_projector
+        p, s, k = projector.patches_per_image, projector.tokens_per_side, projector.kernel_size
+        if p != s * k:
+            raise UnsupportedModelError(f"Gemma 3's projector pools {p} patches per side into {s} with windows of {k}")
+        row = torch.arange(s)[:, None] * k + torch.arange(k)[None, :]  # (s, k): patch rows (or columns) of a token
+        groups = (row[:, None, :, None] * p + row[None, :, None, :]).reshape(s * s, k * k)  # row-major tokens
+        self.groups = [groups] * u
+        return [output[i] for i in range(u)], [(s, s)] * u
+
+    def join(self, output, units):
+        return torch.stack(units, dim=0)
+
+
 class Qwen2VLAdapter(Adapter):
     """Qwen2-VL: a ViT with 2D RoPE and no [CLS], attention within each image; the merger folds 2 x 2 neighbouring
     patches (consecutive rows) into one token."""
@@ -636,7 +662,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
 ADAPTERS: dict[str, type[Adapter]] = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter, "qwen2_vl": Qwen2VLAdapter,
                                       "qwen2_5_vl": Qwen25VLAdapter, "qwen3_vl": Qwen3VLAdapter,
-                                      "idefics3": Idefics3Adapter, "smolvlm": Idefics3Adapter}  # fmt: skip
+                                      "idefics3": Idefics3Adapter, "smolvlm": Idefics3Adapter,
+                                      "gemma3": Gemma3Adapter}  # fmt: skip
 
 
 def adapter_for(model: torch.nn.Module, method) -> Adapter:
