@@ -233,6 +233,21 @@ def test_bad_input_is_refused_before_any_work():
         qwen2(**make_q(), past_key_values=cache)
 
 
+def test_an_unsupported_vlm_is_refused_in_one_line_naming_the_supported_ones():
+    from kvsieve.sieve import SUPPORTED_VLM_TYPES, check_model
+
+    assert {"qwen3_vl", "gemma3"} <= set(SUPPORTED_VLM_TYPES)
+    for kind in ("paligemma", "qwen3_vl_moe"):
+        text = SimpleNamespace(model_type="gemma")
+        fake = SimpleNamespace(config=SimpleNamespace(model_type=kind, vision_config=object(),
+                                                      get_text_config=lambda text=text: text))  # fmt: skip
+        with pytest.raises(UnsupportedModelError) as err:
+            check_model(fake)
+        message = str(err.value)
+        assert "\n" not in message and f"unsupported vision-language architecture {kind!r}" in message
+        assert all(t in message for t in SUPPORTED_VLM_TYPES)
+
+
 def test_load_model_and_processor_from_a_local_directory(tmp_path):
     """A VLM directory (weights, tokenizer, processor) loads as an image-text-to-text model; its processor turns an
     image and a prompt into inputs that generate through a pruning sieve."""

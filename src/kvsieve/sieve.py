@@ -12,8 +12,10 @@ and the statistics the method asked for -> ``observe`` -> ``score`` -> ``select`
 
 Nothing in transformers is patched. Entering the context registers the ``kvsieve`` attention and mask functions
 through ``AttentionInterface`` / ``AttentionMaskInterface``, switches the model to them with
-``set_attn_implementation`` and, for a sequence method, adds forward pre-hooks to the decoder layers; leaving it
-restores the model's implementation and removes the registrations and hooks (also after an exception).
+``set_attn_implementation`` and, for a sequence method, adds forward pre-hooks to the decoder layers (for some VLMs
+also a method set on one module *instance*: LLaVA-NeXT's ``get_image_features``, Qwen3-VL's ``_deepstack_process``);
+leaving it restores the model's implementation and removes the registrations, hooks and instance attributes (also
+after an exception).
 """
 
 from __future__ import annotations
