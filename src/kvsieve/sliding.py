@@ -4,7 +4,11 @@ attend to each other in both directions (Gemma 3's multimodal model).
 Sliding-window layers keep transformers' ``DynamicSlidingWindowLayer`` (it holds the last ``window - 1`` tokens;
 cache methods compress only full-attention layers). Their attention is masked as transformers masks it: causal, or
 within one image (Gemma 3: the image tokens of one image see each other, transformers' ``blockwise_overlay`` of
-``token_type_ids``), and within the window of the query.
+``token_type_ids``), and within the window of the query. The full-attention layers get the same image rule
+(:func:`kvsieve.attention.with_groups`). kvsieve finds the images from the prompt's image tokens (the pass's tags,
+one image per run of image tokens, as Gemma 3's processor marks them in ``token_type_ids``), not from
+``token_type_ids`` itself, so the rule follows the rows that pruning keeps; a pass given as ``inputs_embeds`` has no
+tags and stays causal.
 
 Positions. Until a pass of the cache drops rows (:mod:`kvsieve.sequence`) a layer's tokens sit at consecutive stream
 positions, counted as transformers counts them. Once rows were dropped, the kept tokens keep their original positions
