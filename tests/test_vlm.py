@@ -169,6 +169,23 @@ def test_generation_end_to_end(vlm):
     assert cache.kv_tokens()[-1] < n + 3  # the prompt was pruned
 
 
+def test_direct_decoding_after_pruning_continues_at_the_original_positions(vlm):
+    """A plain ``model(...)`` loop (no position_ids, as the bench decodes) equals ``model.generate``, which tracks
+    positions itself: after pre-LLM pruning the cache's stream length still counts the dropped prompt tokens."""
+    arch, model, make = vlm
+    inputs = make(n_images=1)
+    spec = "visionzip(keep=0.5)" if arch in ADAPTERS else "fastv(layer=1, keep=0.5)"
+    with torch.no_grad():
+        with Sieve("full", sequence=spec).attach(model) as cache:
+            ref = model.generate(**inputs, past_key_values=cache, max_new_tokens=3, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True).logits  # fmt: skip
+        with Sieve("full", sequence=spec).attach(model) as cache:
+            got = _run(model, cache, inputs, steps=2)
+            assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2
+    for a, b in zip(ref, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_cache_methods_run_on_vlms(vlm):
     _, model, make = vlm
     inputs = make(n_images=1)

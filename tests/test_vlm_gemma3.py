@@ -172,9 +172,9 @@ def test_refusals_and_errors(gemma):
     n = inputs["input_ids"].shape[1]
     with Sieve("full", sequence="fopru(keep=0.25)").attach(model) as cache, torch.no_grad():
         model(**inputs, past_key_values=cache)
-        # a decoding step at a position counted from the kept tokens would sit before them: refused, one line
+        # a decoding step given a position inside the pruned prompt would sit before the kept tokens: refused
         with pytest.raises(KVSieveError, match="original positions"):
-            model(input_ids=inputs["input_ids"][:, -1:], past_key_values=cache)
+            model(input_ids=inputs["input_ids"][:, -1:], position_ids=torch.tensor([[n - 5]]), past_key_values=cache)
     assert n > cache.kv_tokens()[1]
 
 

@@ -40,6 +40,8 @@ from .errors import KVSieveError, UnsupportedModelError
 from .storage import Segment
 from .storage.quantized import PackedSegment
 
+DROPPED_BEFORE_LLM = "dropped_before_llm"  # shared key: prompt tokens pruned before the first decoder layer
+
 
 class SieveLayer(CacheLayerMixin):
     """A full-attention cache layer that holds only kept tokens (see the module docstring)."""
@@ -320,6 +322,12 @@ class SieveCache(Cache):
         self.pass_state: dict = {}  # state of the forward pass in progress (sequence pruning decisions)
         self._session = None if session is None else weakref.ref(session)
         self.broken: str | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Stream position of the next token: the tokens layer ``layer_idx`` has seen, plus the prompt tokens dropped
+        before the first decoder layer (pre-LLM token pruning), which no layer saw but which keep their positions. So
+        a direct ``model(...)`` call after such a pass gets the original positions, as ``model.generate`` does."""
+        return super().get_seq_length(layer_idx) + int(self.shared.get(DROPPED_BEFORE_LLM, 0))
 
     def abandon_pass(self, layer_idx: int) -> None:
         """After an error in layer ``layer_idx``'s attention: drop its staged tokens; if earlier layers already took

@@ -34,6 +34,7 @@ from typing import ClassVar
 
 import torch
 
+from .cache import DROPPED_BEFORE_LLM
 from .errors import KVSieveError, UnsupportedModelError
 from .methods.base import Observation, SequenceMethod, hp
 
@@ -375,8 +376,7 @@ def _begin(cache, config, n_layers: int, b: int, n: int, ids: torch.Tensor | Non
                 f"protect() marked {tuple(pending.shape)} tokens but the next pass has {(b, n)}; mark the pass you run"
             )
         tokens.prunable &= pending.to(tokens.prunable.device)
-    first = cache.layers[0] if len(cache.layers) else None
-    start = int(getattr(first, "seen", 0) or 0)
+    start = cache.get_seq_length()  # the stream position of the pass's first token
     _record_stream(cache, tokens.modality, start)
     method = _method(cache)
     active = method is not None and n > 1 and cache.compressing
@@ -472,6 +472,9 @@ def _layer_hook(layer_idx: int, first: int, layers: dict[int, torch.nn.Module], 
         if state.pending is not None:
             hidden = hidden.gather(1, state.pending[..., None].expand(-1, -1, hidden.shape[-1]).to(hidden.device))
             state.pending = None
+            if layer_idx == first:  # pruned before the LLM: no layer sees these tokens, yet the stream moves on
+                dropped = state.n - hidden.shape[1]
+                cache.shared[DROPPED_BEFORE_LLM] = cache.shared.get(DROPPED_BEFORE_LLM, 0) + dropped
         if isinstance(kwargs.get("attention_mask"), torch.Tensor) and state.rows.shape[1] < state.n:
             raise KVSieveError(
                 "token pruning cannot prune a padded batch (the layers got a mask); run the prompts without padding"

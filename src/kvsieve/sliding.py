@@ -15,7 +15,8 @@ positions, counted as transformers counts them. Once rows were dropped, the kept
 (as in the full-attention layers), so the window is measured in original positions: from the first pruned pass on,
 the stream positions of the tokens each sliding layer holds are tracked in ``cache.shared`` (mirroring the layer's
 ``window - 1`` most recent tokens), and the queries' positions are the ``position_ids`` the layer receives
-(``generate`` gives the original positions; a direct call after a pruned pass must give them too).
+(``generate`` gives the original positions, and so does a direct call without them: the cache's
+``get_seq_length()`` counts the tokens pruned before the LLM).
 
 Simplifications: what methods *read* stays causal and windowless. Cache methods' attention statistics
 (:func:`kvsieve.attention.column_sums`) and in-LLM rankings (:func:`kvsieve.sequence.received_attention`) do not let
