@@ -186,6 +186,19 @@ def test_direct_decoding_after_pruning_continues_at_the_original_positions(vlm):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_vl", "gemma3"])
+def test_vlms_newer_than_the_installed_transformers_are_refused_in_one_line(arch, monkeypatch):
+    import transformers
+
+    from kvsieve.sieve import VLM_MIN_TRANSFORMERS
+
+    model, _ = make_vlm(arch)
+    monkeypatch.setattr(transformers, "__version__", "5.0.0")
+    with pytest.raises(UnsupportedModelError, match=f"from transformers {VLM_MIN_TRANSFORMERS[arch]} on") as err:
+        Sieve("full").attach(model).__enter__()
+    assert "\n" not in str(err.value) and "pip install -U" in str(err.value)
+
+
 def test_cache_methods_run_on_vlms(vlm):
     _, model, make = vlm
     inputs = make(n_images=1)

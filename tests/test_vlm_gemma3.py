@@ -16,7 +16,11 @@ from transformers import DynamicCache
 
 from kvsieve import KVSieveError, Sieve, UnsupportedModelError
 from kvsieve.attention import sliding_allowed
-from tiny_vlms import IMAGE_TOKEN, gemma3
+from tiny_vlms import IMAGE_TOKEN, gemma3, supported_here
+
+pytestmark = pytest.mark.skipif(
+    not supported_here("gemma3"), reason="refused on this transformers (VLM_MIN_TRANSFORMERS)"
+)
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -18,7 +18,11 @@ from kvsieve import Sieve, UnsupportedModelError
 from kvsieve.deepstack import kept_features
 from kvsieve.sequence import decoder_layers
 from test_vlm import _run
-from tiny_vlms import IMAGE_TOKEN, qwen3_vl
+from tiny_vlms import IMAGE_TOKEN, qwen3_vl, supported_here
+
+pytestmark = pytest.mark.skipif(
+    not supported_here("qwen3_vl"), reason="refused on this transformers (VLM_MIN_TRANSFORMERS)"
+)
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -11,6 +11,8 @@ import inspect
 from collections.abc import Callable
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import (
     CLIPVisionConfig,
     Gemma3Config,
@@ -219,9 +221,18 @@ def gemma3(sliding_window: int = 8, vocab: int = VOCAB,
     return model, make_inputs
 
 
+def supported_here(arch: str) -> bool:
+    """Whether the installed transformers is recent enough for kvsieve's support of ``arch`` (``VLM_MIN_TRANSFORMERS``;
+    on older releases kvsieve refuses the model, tested in test_vlm.py)."""
+    from kvsieve.sieve import VLM_MIN_TRANSFORMERS
+
+    need = VLM_MIN_TRANSFORMERS.get(arch)
+    return need is None or Version(transformers.__version__) >= Version(need)
+
+
 BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,
             "qwen3_vl": qwen3_vl, "idefics3": idefics3, "gemma3": gemma3}  # fmt: skip
-VLMS = list(BUILDERS)
+VLMS = [arch for arch in BUILDERS if supported_here(arch)]  # Qwen3-VL and Gemma 3 need a recent transformers
 
 
 def make_vlm(arch: str) -> tuple[torch.nn.Module, Callable]:

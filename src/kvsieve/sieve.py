@@ -28,6 +28,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -45,6 +47,9 @@ from .sliding import BIDIRECTIONAL_IMAGES, attend_window, image_groups
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen2_vl_text", "qwen2_5_vl_text",
                          "qwen3_vl_text")  # fmt: skip
 SUPPORTED_VLM_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3")
+# VLMs supported only from a newer transformers than the package's floor (5.0.0): tested on 5.24.0; on 5.0.0 their
+# inputs (Qwen3-VL's mm_token_type_ids), DeepStack and image masks differ from what kvsieve follows
+VLM_MIN_TRANSFORMERS = {"qwen3_vl": "5.24.0", "gemma3": "5.24.0"}
 
 DEFAULT_INTERVAL = 16  # decoding steps between evictions of a token budget: held <= budget + 15, see Budget
 
@@ -313,6 +318,12 @@ def check_model(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(
             f"unsupported vision-language architecture {outer!r} ({type(model).__name__}): kvsieve supports "
             f"{', '.join(SUPPORTED_VLM_TYPES)}. Use one of these, or the language model alone."
+        )
+    need = VLM_MIN_TRANSFORMERS.get(outer) if getattr(config, "vision_config", None) is not None else None
+    if need is not None and Version(transformers.__version__) < Version(need):
+        raise UnsupportedModelError(
+            f"kvsieve supports {outer!r} vision-language models from transformers {need} on (installed: "
+            f"{transformers.__version__}); pip install -U 'transformers>={need}'"
         )
     if model_type not in SUPPORTED_MODEL_TYPES or not model._can_set_attn_implementation():
         raise UnsupportedModelError(
