@@ -21,14 +21,12 @@ from kvsieve.methods.globalcom2 import crop_scales
 from kvsieve.methods.vflowopt import global_attention, recycle
 from kvsieve.vision import ADAPTERS, grey_entropy
 from test_vlm import _holds, _layer_rows, _run
-from tiny_vlms import IMAGE_TOKEN, make_vlm, supported_here
+from tiny_vlms import IMAGE_TOKEN, VLMS, make_vlm, supported_here
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 METHODS = ["flowcut", "vflowopt", "globalcom2"]
-ARCHS = [
-    a for a in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "gemma3") if supported_here(a)
-]
+ARCHS = VLMS  # every tiny VLM the installed transformers supports
 
 
 @pytest.fixture(scope="module", params=ARCHS)
