@@ -122,6 +122,31 @@ def test_received_attention_equals_the_layers_eager_attention():
     torch.testing.assert_close(got[0], eager[:, [5, 23]].mean(dim=(0, 1)), rtol=1e-5, atol=1e-6)
 
 
+def test_fastv_ranks_by_the_questions_pooled_attention_when_asked():
+    """queries='instruction', pool=5: the question's attention at the pruning layer, averaged over 5 neighbours
+    (fewer at the edges); the kept candidates are its top quarter. Reference: the eager attention of layer 0."""
+    model = make_model("llama")
+    model.set_attn_implementation("eager")
+    ids = prompt_ids(40)
+    prunable = torch.ones_like(ids, dtype=torch.bool)
+    prunable[:, -8:] = False  # the question
+    with torch.no_grad():
+        eager = model(ids, output_attentions=True).attentions[0][0]  # (H, 40, 40)
+    received = eager[:, 32:].mean(dim=(0, 1))[:32]  # what the question's 8 queries give the 32 candidates
+    pooled = torch.stack([received[max(0, i - 2) : i + 3].mean() for i in range(32)])
+    for spec, score in (
+        ("fastv(layer=0, keep=0.25, queries='instruction', pool=5)", pooled),
+        ("fastv(layer=0, keep=0.25, queries='instruction')", received),
+    ):
+        with Sieve("full", sequence=spec).attach(model) as cache, torch.no_grad():
+            protect(cache, prunable)
+            model(ids, past_key_values=cache)
+            kept = cache.layers[1].segments[0].positions[0, 0].tolist()
+        assert kept == sorted(score.topk(8).indices.tolist()) + list(range(32, 40)), spec
+    with pytest.raises(KVSieveError, match="pool must be odd"):
+        build("fastv(pool=4)")
+
+
 def test_transition_weight_is_the_papers_ttv():
     gen = torch.Generator().manual_seed(0)
     before, after = torch.randn(2, 7, 16, generator=gen), torch.randn(2, 7, 16, generator=gen)
