@@ -1,5 +1,6 @@
 """Where an in-LLM pruner's ranking puts the needle: the rank of the pass key's tokens by the attention a decoder
-layer gives them, from the last query (FastV) and from the question's queries (TransPrune's instruction attention).
+layer gives them, from the last query (FastV) and from the question's queries (TransPrune's instruction attention),
+and the second averaged over ``--pool`` neighbouring context tokens (``fastv(queries='instruction', pool=...)``).
 
 One full forward pass per sample (no pruning); each layer's ranking attention is recomputed from that layer's input
 with :func:`kvsieve.sequence.received_attention`, exactly as the pruners rank. A needle token ranked below
@@ -17,6 +18,7 @@ import torch
 
 from kvsieve import load_model
 from kvsieve.bench.runner import split_prompt
+from kvsieve.methods.fastv import pooled
 from kvsieve.sequence import received_attention
 from kvsieve.tasks import get_task
 
@@ -40,12 +42,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--layers", default="2,8,12,16")
     parser.add_argument("--keep", type=float, default=0.25, help="the keep share the ranks are read against")
+    parser.add_argument("--pool", type=int, default=15, help="window of the pooled question ranking (odd)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     layers = [int(x) for x in args.layers.split(",")]
     n_layers = model.config.num_hidden_layers
+    if args.pool < 1 or args.pool % 2 == 0:
+        raise SystemExit(f"error: --pool must be an odd number >= 1; got {args.pool}")
     if any(not 0 <= k < n_layers for k in layers):
         raise SystemExit(f"error: --layers must lie in 0..{n_layers - 1}; got {args.layers}")
     print(f"rank of the pass key's first token among the context (0 = most attended); kept at keep {args.keep} if <")
@@ -68,8 +73,10 @@ def main() -> None:
         for k in layers:
             for name, rows in (("last", last), ("question", question)):
                 score = received_attention(model.model.layers[k], out.hidden_states[k], emb, rows)[0, :nc]
-                rank = int((score > score[needle[0]]).sum())
-                cells.append(f"L{k} {name} {rank:,}")
+                cells.append(f"L{k} {name} {int((score > score[needle[0]]).sum()):,}")
+                if name == "question":
+                    score = pooled(score[None], torch.ones(1, nc, dtype=torch.bool), args.pool)[0]
+                    cells.append(f"pooled {int((score > score[needle[0]]).sum()):,}")
         print(f"sample {s} ({nc:,} context tokens, kept if < {int(nc * args.keep):,}): " + "; ".join(cells))
 
 

@@ -61,10 +61,14 @@ class FastV(Pruner):
 
     def rank(self, view: StageView) -> torch.Tensor:
         score = view.attention(self.queries)
-        if self.pool > 1:  # rows of a single stage are the pass's tokens in order: row neighbours are token neighbours
-            # the mean over the candidates of each window: the question's rows, which attend to themselves, add nothing
-            cand = view.candidates.to(score.device, score.dtype)
-            window = (self.pool, 1, self.pool // 2)
-            total = F.avg_pool1d((score * cand)[:, None], *window)[:, 0]
-            score = total / F.avg_pool1d(cand[:, None], *window)[:, 0].clamp(min=1e-12)
-        return score
+        # rows of a single stage are the pass's tokens in order: row neighbours are token neighbours
+        return pooled(score, view.candidates, self.pool) if self.pool > 1 else score
+
+
+def pooled(score: torch.Tensor, candidates: torch.Tensor, pool: int) -> torch.Tensor:
+    """Each row's ``score`` ``(B, k)`` averaged over the candidates among its ``pool`` neighbouring rows (``pool`` odd):
+    non-candidates (the question, whose rows attend to themselves) add nothing to a window."""
+    cand = candidates.to(score.device, score.dtype)
+    window = (pool, 1, pool // 2)
+    total = F.avg_pool1d((score * cand)[:, None], *window)[:, 0]
+    return total / F.avg_pool1d(cand[:, None], *window)[:, 0].clamp(min=1e-12)

@@ -96,8 +96,8 @@ class FlowCut(VisionPruner):
         "the encoder runs unpruned and the progressive cuts are replayed on its statistics (the paper drops the cut "
         "tokens inside the encoder, so its later layers attend without them); the feature layer is the penultimate "
         "for [CLS] encoders (LLaVA), the last otherwise; scores are pooled onto the LLM's tokens (2x2 merged for "
-        "Qwen2-VL/Qwen2.5-VL/Idefics3) before the cuts; on Qwen2.5-VL the flow runs over the full-attention blocks "
-        "only (its windowed blocks never attend over the whole image); no in-LLM stage"
+        "Qwen2-VL/Qwen2.5-VL/Qwen3-VL/Idefics3) before the cuts; on Qwen2.5-VL the flow runs over the full-attention "
+        "blocks only (its windowed blocks never attend over the whole image); no in-LLM stage"
     )
 
     def _feature_layer(self, n: int, has_cls: bool) -> int:

@@ -48,8 +48,8 @@ class FoPru(VisionPruner):
     simplifications = (
         "significance is the attention each token receives at the penultimate encoder layer, averaged over heads "
         "and queries and pooled onto the tokens the LLM receives (2x2 merged tokens for Qwen2-VL/Qwen2.5-VL/"
-        "Idefics3); on Qwen2.5-VL the attention is read at the full-attention encoder block nearest the penultimate "
-        "layer (its windowed blocks never attend over the whole image)"
+        "Qwen3-VL/Idefics3); on Qwen2.5-VL the attention is read at the full-attention encoder block nearest the "
+        "penultimate layer (its windowed blocks never attend over the whole image)"
     )
 
     def select_vision(self, view: VisionView) -> VisionChoice:

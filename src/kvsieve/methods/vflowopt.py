@@ -90,10 +90,10 @@ class VFlowOpt(VisionPruner):
         "t, alpha and cell are fixed hyperparameters (the paper tunes them per model by its visual-information-flow "
         "optimisation); one pruning step before the LLM (the paper's progressive in-LLM steps are not applied); "
         "patch entropy is taken on the processor-normalised pixels binned over the image's range; attention and "
-        "entropy are pooled onto the LLM's tokens (2x2 merged for Qwen2-VL/Idefics3) and the attention renormalised "
-        "to sum to one; aggregates are merged from the projected features the LLM receives; on Qwen2.5-VL the "
-        "attention matrix is read at the nearest full-attention encoder block (its windowed blocks never attend "
-        "over the whole image)"
+        "entropy are pooled onto the LLM's tokens (2x2 merged for Qwen2-VL/Qwen2.5-VL/Qwen3-VL/Idefics3) and the "
+        "attention renormalised to sum to one; aggregates are merged from the projected features the LLM receives; "
+        "on Qwen2.5-VL the attention matrix is read at the nearest full-attention encoder block (its windowed blocks "
+        "never attend over the whole image)"
     )
 
     def _layer(self, n: int) -> int:

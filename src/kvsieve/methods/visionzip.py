@@ -55,9 +55,9 @@ class VisionZip(VisionPruner):
     simplifications = (
         "contextual tokens are merged from the projected features the LLM receives (the paper merges encoder "
         "outputs before the projector) and sit at their target token's position; encoders without [CLS] (Qwen2-VL, "
-        "Qwen2.5-VL, Idefics3) rank dominant tokens by the attention they receive; on Qwen2.5-VL attention and keys "
-        "are read at the full-attention encoder block nearest the penultimate layer (its windowed blocks never "
-        "attend over the whole image)"
+        "Qwen2.5-VL, Qwen3-VL, Idefics3) rank dominant tokens by the attention they receive; on Qwen2.5-VL attention "
+        "and keys are read at the full-attention encoder block nearest the penultimate layer (its windowed blocks "
+        "never attend over the whole image)"
     )
 
     def select_vision(self, view: VisionView) -> VisionChoice:
