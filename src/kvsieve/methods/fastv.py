@@ -45,7 +45,7 @@ class FastV(Pruner):
 
     name = "fastv"
     paper = "Chen et al. 2024, arXiv:2403.06764"
-    needs = "attention of the last query at the pruning layer"
+    needs = "attention of the last query (or of the question) at the pruning layer"
     simplifications = (
         "attention recomputed from the layer's input over this pass's tokens only (tokens of earlier passes are "
         "not in the softmax); text prompts: every prunable token is a candidate; padded batches are refused; "
