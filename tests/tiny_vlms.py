@@ -11,8 +11,6 @@ import inspect
 from collections.abc import Callable
 
 import torch
-import transformers
-from packaging.version import Version
 from transformers import (
     CLIPVisionConfig,
     Gemma3Config,
@@ -31,6 +29,8 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
+
+from kvsieve.sieve import transformers_needed
 
 VOCAB = 128
 IMAGE_TOKEN = 100
@@ -224,10 +224,7 @@ def gemma3(sliding_window: int = 8, vocab: int = VOCAB,
 def supported_here(arch: str) -> bool:
     """Whether the installed transformers is recent enough for kvsieve's support of ``arch`` (``VLM_MIN_TRANSFORMERS``;
     on older releases kvsieve refuses the model, tested in test_vlm.py)."""
-    from kvsieve.sieve import VLM_MIN_TRANSFORMERS
-
-    need = VLM_MIN_TRANSFORMERS.get(arch)
-    return need is None or Version(transformers.__version__) >= Version(need)
+    return transformers_needed(arch) is None
 
 
 BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,

@@ -51,6 +51,14 @@ SUPPORTED_VLM_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_v
 # inputs (Qwen3-VL's mm_token_type_ids), DeepStack and image masks differ from what kvsieve follows
 VLM_MIN_TRANSFORMERS = {"qwen3_vl": "5.24.0", "gemma3": "5.24.0"}
 
+
+def transformers_needed(vlm_type: str) -> str | None:
+    """The transformers release a VLM type needs when the installed one is older (``VLM_MIN_TRANSFORMERS``), else
+    None."""
+    need = VLM_MIN_TRANSFORMERS.get(vlm_type)
+    return need if need is not None and Version(transformers.__version__) < Version(need) else None
+
+
 DEFAULT_INTERVAL = 16  # decoding steps between evictions of a token budget: held <= budget + 15, see Budget
 
 _ACTIVE: ContextVar[Session | None] = ContextVar("kvsieve_session", default=None)
@@ -319,8 +327,8 @@ def check_model(model: torch.nn.Module) -> None:
             f"unsupported vision-language architecture {outer!r} ({type(model).__name__}): kvsieve supports "
             f"{', '.join(SUPPORTED_VLM_TYPES)}. Use one of these, or the language model alone."
         )
-    need = VLM_MIN_TRANSFORMERS.get(outer) if getattr(config, "vision_config", None) is not None else None
-    if need is not None and Version(transformers.__version__) < Version(need):
+    need = transformers_needed(outer) if getattr(config, "vision_config", None) is not None else None
+    if need is not None:
         raise UnsupportedModelError(
             f"kvsieve supports {outer!r} vision-language models from transformers {need} on (installed: "
             f"{transformers.__version__}); pip install -U 'transformers>={need}'"
