@@ -754,7 +754,7 @@ def _prefill_section(rows: Sequence[Row]) -> str:
                 r.task,
                 r.length if r.length is not None else "–",
                 f"{r.method} @ {r.budget.label}" if r.budget.value else r.method,
-                r.prefill + (" (bound, not faster)" if r.is_oracle else ""),
+                r.prefill + (" (oracle, not faster)" if r.is_oracle else ""),
                 _score_cell(r.cell, r.test),
                 "–" if r.delta_vs_dense is None else f"{r.delta_vs_dense * 100:+.1f}",
                 density(r.density),
