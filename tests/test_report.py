@@ -420,6 +420,24 @@ def test_rich_summary_table(rows: list[dict[str, Any]], tmp_path: Path) -> None:
     assert "[lo, hi]: 95% interval" in text
 
 
+def test_expected_rows_follow_the_prefill_and_sequence_settings_the_config_lists(
+    rows: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """A run of only sparse prefills expects no dense rows; one with dense and a sparse prefill expects both."""
+    config = load_config(make_run_dir(tmp_path))
+    sparse = [dict(r, prefill="xattention") for r in rows]
+    only_sparse = dict(config, prefills=["xattention"])
+    tables = [t for t in score_tables(sparse, only_sparse) if t.task is None]
+    assert all(t.missing == [] for t in tables)  # complete: every planned row is there, no dense row was planned
+    assert "Incomplete" not in terminal(rich_summary_table(sparse, "agnostic", only_sparse))
+    both = dict(config, prefills=["dense", "xattention"], sequences=["none", "fastv(layer=3,keep=0.25)"])
+    t = next(t for t in score_tables(rows + sparse, both) if t.view == "agnostic" and t.task is None)
+    pruned = "full [sequence fastv(layer=3, keep=0.25)]"  # labelled by the spec rows carry (build(...).spec())
+    assert ("full [prefill xattention]", NO_COMPRESSION) not in {(m, b) for m, b, _, _ in t.missing}
+    assert (pruned, NO_COMPRESSION, 4, 0) in t.missing  # planned, and no row yet: said, not silently absent
+    assert ("full [prefill xattention] [sequence fastv(layer=3, keep=0.25)]", NO_COMPRESSION, 4, 0) in t.missing
+
+
 def test_summary_flags_cells_with_fewer_rows_than_the_config_expects(
     rows: list[dict[str, Any]], tmp_path: Path
 ) -> None:

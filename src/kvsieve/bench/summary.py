@@ -356,14 +356,17 @@ class Expectation:
         turns = str(config.get("turns", "independent"))
         turn_modes = ["independent", MULTITURN] if turns == "both" else [turns]
         plan: set[tuple[str, str, Budget]] = set()
-        in_rows = {method_label(r) for r in rows}
+        in_rows = {str(r.get("method")) for r in rows}
+        suffixes = _axis_suffixes(config)
         for spec in methods:
             name, evicts = _method_identity(spec)
             name = spec if spec in in_rows and name not in in_rows else name  # rows may carry the spec as written
             keys = [NO_COMPRESSION] if not evicts else [Budget("compression", c) for c in compressions]
             keys += [Budget("tokens", b) for b in budgets] if evicts else []
             for md in modes:
-                plan.update((v, name, b) for v in (md, f"{md} · {MULTITURN}") for b in keys)
+                plan.update(
+                    (v, name + suffix, b) for v in (md, f"{md} · {MULTITURN}") for b in keys for suffix in suffixes
+                )
         units: dict[str, dict[str, set[tuple]]] = defaultdict(dict)
         for task in tasks:
             q = _questions_per_sample(task, rows)
@@ -402,6 +405,31 @@ def _method_identity(spec: str) -> tuple[str, bool]:
         return method.spec(), bool(method.evicts or method.selects)
     except Exception:  # a method this kvsieve no longer knows (an older run): go by its name
         return spec, spec != FULL_METHOD
+
+
+def _axis_suffixes(config: Mapping[str, Any]) -> list[str]:
+    """The label suffixes (see :func:`method_label`) of the prefill x sequence settings the configuration runs: ``""``
+    for the defaults (dense attention, no pruning), so a run without ``dense`` in its prefills expects no plain rows."""
+    prefills = [_axis_identity(p) for p in config.get("prefills") or []] or [None]
+    sequences = [_axis_identity(q) for q in config.get("sequences") or []] or [None]
+    out = []
+    for prefill in dict.fromkeys(None if p == DENSE_PREFILL else p for p in prefills):
+        for sequence in dict.fromkeys(None if q == "none" else q for q in sequences):
+            out.append(method_label({"method": "", "prefill": prefill, "sequence": sequence}))
+    return out
+
+
+def _axis_identity(spec: Any) -> str:
+    """The spec rows carry for a prefill or sequence setting of the configuration (as written if unknown now)."""
+    spec = str(spec).strip()
+    if spec in (DENSE_PREFILL, "none"):
+        return spec
+    try:
+        from ..methods import build
+
+        return build(spec).spec()
+    except Exception:  # a method this kvsieve no longer knows (an older run): go by the spec as written
+        return spec
 
 
 def _questions_per_sample(task: str, rows: Sequence[Row]) -> int:
