@@ -327,8 +327,9 @@ class Expectation:
     """The rows a run's ``config.json`` implies, to tell a complete cell from one with rows missing.
 
     A cell (view, method, budget, task or all tasks) expects one row per task x length x sample (x question for
-    multi-question tasks) of the configuration, for the methods, budgets and modes it lists. Rows of other models,
-    seeds or sample indices (older runs in the same directory) are neither expected nor counted.
+    multi-question tasks) of the configuration, for the methods, budgets, modes and prefill x sequence settings it
+    lists. Rows of other models, seeds or sample indices (older runs in the same directory) are neither expected nor
+    counted.
     """
 
     model: str | None
