@@ -397,40 +397,40 @@ class Expectation:
         }
 
 
-def _method_identity(spec: str) -> tuple[str, bool]:
-    """(name rows carry, whether it runs under budgets) for a method spec of the configuration."""
+def _built(spec: str) -> Any:
+    """The method a spec of the configuration names, or None for one this kvsieve no longer knows (an older run)."""
     try:
         from ..methods import build
 
-        method = build(spec)
-        return method.spec(), bool(method.evicts or method.selects)
-    except Exception:  # a method this kvsieve no longer knows (an older run): go by its name
+        return build(spec)
+    except Exception:
+        return None
+
+
+def _method_identity(spec: str) -> tuple[str, bool]:
+    """(name rows carry, whether it runs under budgets) for a method spec of the configuration."""
+    method = _built(spec)
+    if method is None:  # go by its name
         return spec, spec != FULL_METHOD
+    return method.spec(), bool(method.evicts or method.selects)
 
 
 def _axis_suffixes(config: Mapping[str, Any]) -> list[str]:
     """The label suffixes (see :func:`method_label`) of the prefill x sequence settings the configuration runs: ``""``
     for the defaults (dense attention, no pruning), so a run without ``dense`` in its prefills expects no plain rows."""
-    prefills = [_axis_identity(p) for p in config.get("prefills") or []] or [None]
-    sequences = [_axis_identity(q) for q in config.get("sequences") or []] or [None]
-    out = []
-    for prefill in dict.fromkeys(None if p == DENSE_PREFILL else p for p in prefills):
-        for sequence in dict.fromkeys(None if q == "none" else q for q in sequences):
-            out.append(method_label({"method": "", "prefill": prefill, "sequence": sequence}))
-    return out
+    prefills = dict.fromkeys(_axis_identity(p) for p in config.get("prefills") or []) or [None]
+    sequences = dict.fromkeys(_axis_identity(q) for q in config.get("sequences") or []) or [None]
+    return [method_label({"method": "", "prefill": p, "sequence": q}) for p in prefills for q in sequences]
 
 
-def _axis_identity(spec: Any) -> str:
-    """The spec rows carry for a prefill or sequence setting of the configuration (as written if unknown now)."""
+def _axis_identity(spec: Any) -> str | None:
+    """The spec rows carry for a prefill or sequence setting of the configuration: None for the defaults (``dense``,
+    ``none``), as written for a method this kvsieve no longer knows."""
     spec = str(spec).strip()
     if spec in (DENSE_PREFILL, "none"):
-        return spec
-    try:
-        from ..methods import build
-
-        return build(spec).spec()
-    except Exception:  # a method this kvsieve no longer knows (an older run): go by the spec as written
-        return spec
+        return None
+    method = _built(spec)
+    return spec if method is None else method.spec()
 
 
 def _questions_per_sample(task: str, rows: Sequence[Row]) -> int:
