@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from kvsieve import KVSieveError, Sieve, build, list_methods
-from kvsieve.attention import AttentionCall, block_sparse, causal_allowed, dense
+from kvsieve.attention import AttentionCall, block_sparse, causal_allowed, dense, sdpa_output
 from tiny_models import ARCHS, make_model, prompt_ids
 
 
@@ -37,6 +37,26 @@ FULL_DENSITY = {
 
 
 # --- attention compute --------------------------------------------------------------------------------------------
+class _Attention(torch.nn.Module):
+    num_key_value_groups, is_causal, layer_idx = 3, True, 0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("biased", [False, True])
+def test_packed_decoding_equals_sdpa_over_repeated_heads(masked, biased):
+    """The packed decoding route (query heads as rows of their KV head) computes sdpa_output's attention."""
+    torch.manual_seed(0)
+    b, h, g, t, d = 2, 3, 3, 700, 16
+    query, keys, values = torch.randn(b, h * g, 1, d), torch.randn(b, h, t, d), torch.randn(b, h, t, d)
+    valid = torch.rand(b, h, t) > 0.3 if masked else None
+    allowed = causal_allowed(1, t, valid) if masked or biased else None
+    bias = torch.randn(b, h * g, 1, t) if biased else None
+    ref = sdpa_output(_Attention(), query, keys, values, allowed, d**-0.5, bias=bias)
+    got = sdpa_output(_Attention(), query, keys, values, allowed, d**-0.5, bias=bias, packed=True)
+    assert got.shape == ref.shape == (b, 1, h * g, d)
+    torch.testing.assert_close(got, ref)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dense_through_the_action_point_is_bitwise_the_default(arch):
     model = make_model(arch)

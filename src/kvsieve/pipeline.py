@@ -207,6 +207,7 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
         evicting or layer.held - 1 >= min(targets))  # fmt: skip
     groups = query.shape[1] // layer.n_kv_heads
     read_budget = session.read_target(layer.held) if q == 1 else None
+    per_head = len(layer.segments) > 1  # only head-wise eviction splits a layer: no uncompressed run comes here
     if not evicting and request is None and session.idle and (read_budget is None or read_budget >= layer.held):
         # nothing to observe, bias, read selectively or evict in this pass: attention over each segment, that is all
         outputs = []
@@ -215,7 +216,8 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
             keys, values = seg.read() if not layer.rerotate else _rotated(layer, seg)
             call = attn.AttentionCall(module, q_seg, keys, values, seg.valid, seg.positions, scaling, dropout,
                                       together=together, layer_idx=layer_idx, n_layers=session.n_layers,
-                                      layer_state=layer.layer_state, shared=cache.shared)  # fmt: skip
+                                      packed=per_head, layer_state=layer.layer_state,
+                                      shared=cache.shared)  # fmt: skip
             outputs.append(session.compute(call, None, q, False)[0])
         if session.sequence is not None:
             pieces = [(query[:, s.head_start * groups : (s.head_start + s.n_heads) * groups], s.keys, s.positions,
@@ -234,8 +236,8 @@ def run_layer(session, module, cache: SieveCache, layer: SieveLayer, query: torc
             obs.module = module
             call = attn.AttentionCall(module, q_seg, keys, values, seg.valid, seg.positions, scaling, dropout,
                                       bias=method.logit_bias(obs) if session.biases else None, together=together,
-                                      layer_idx=layer_idx, n_layers=session.n_layers, layer_state=layer.layer_state,
-                                      shared=cache.shared)  # fmt: skip
+                                      layer_idx=layer_idx, n_layers=session.n_layers, packed=per_head,
+                                      layer_state=layer.layer_state, shared=cache.shared)  # fmt: skip
             out, probs = session.compute(call, obs, q, steady)
             outputs.append(out)
             if request is not None:

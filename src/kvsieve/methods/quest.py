@@ -28,13 +28,14 @@ from .families import SelectiveMethod, held_unchanged
 def page_bounds(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise min and max of each page of ``keys`` ``(B, h, T, D)``: two ``(B, h, ceil(T / page_size), D)``."""
     b, h, t, d = keys.shape
+    if t <= page_size:  # one page (a decoding step's update): one reduction, no reshaping
+        mins, maxs = torch.aminmax(keys, dim=2, keepdim=True)
+        return mins, maxs
     full = t // page_size
-    head = keys[:, :, : full * page_size].reshape(b, h, full, page_size, d)
-    mins, maxs = head.amin(dim=3), head.amax(dim=3)
+    mins, maxs = torch.aminmax(keys[:, :, : full * page_size].reshape(b, h, full, page_size, d), dim=3)
     if t > full * page_size:
-        tail = keys[:, :, full * page_size :]
-        mins = torch.cat([mins, tail.amin(dim=2, keepdim=True)], dim=2)
-        maxs = torch.cat([maxs, tail.amax(dim=2, keepdim=True)], dim=2)
+        tail_min, tail_max = torch.aminmax(keys[:, :, full * page_size :], dim=2, keepdim=True)
+        mins, maxs = torch.cat([mins, tail_min], dim=2), torch.cat([maxs, tail_max], dim=2)
     return mins, maxs
 
 
@@ -45,9 +46,17 @@ def page_scores(queries: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor) -
     larger product takes ``max_d`` where ``q_d > 0`` and ``min_d`` where ``q_d < 0``, so the bound is two matrix
     products, ``relu(q) . max + min(q, 0) . min``; it is at least every ``q . k`` of the page up to rounding.
     """
-    b, h, _, d = mins.shape
-    q = queries.view(b, h, -1, d).to(mins.dtype)  # (B, h, g, D)
-    return q.clamp(min=0) @ maxs.transpose(-1, -2) + q.clamp(max=0) @ mins.transpose(-1, -2)
+    return packed_page_scores(queries, torch.cat([maxs, mins], dim=-1))
+
+
+def packed_page_scores(queries: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """:func:`page_scores` from ``bounds`` ``(B, h, P, 2D)``: each page's maxima then minima. One matrix product,
+    ``[relu(q), min(q, 0)] . [max, min]``, where two would cost twice the calls (a decoding step makes one per
+    layer, and on a small model their fixed cost is most of the time)."""
+    b, h, _, d2 = bounds.shape
+    q = queries.view(b, h, -1, d2 // 2)  # (B, h, g, D)
+    q = q if q.dtype == bounds.dtype else q.to(bounds.dtype)
+    return torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1) @ bounds.transpose(-1, -2)
 
 
 @register
@@ -93,9 +102,15 @@ class Quest(SelectiveMethod):
         )
 
     def pages(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min and max keys of every page of the held tokens, ``(B, h, P, D)`` each, updated incrementally.
+        """Min and max keys of every page of the held tokens, ``(B, h, P, D)`` each (views of :meth:`bounds`)."""
+        bounds = self.bounds(obs)
+        d = obs.keys.shape[3]
+        return bounds[..., d:], bounds[..., :d]
 
-        The bounds live in per-layer buffers with spare capacity: a step rewrites only the pages from the one that
+    def bounds(self, obs: Observation) -> torch.Tensor:
+        """Max then min keys of every page of the held tokens, ``(B, h, P, 2D)``, updated incrementally.
+
+        The bounds live in a per-layer buffer with spare capacity: a step rewrites only the pages from the one that
         was partial before (one page, at a time), without copying the others.
         """
         state = self._state(obs, "pages")
@@ -107,17 +122,18 @@ class Quest(SelectiveMethod):
         else:
             state["rebuilds"] = state.get("rebuilds", 0) + 1
             state["buffer"] = keys.new_empty(0)
-        buffer = state["buffer"]  # (2, B, h, capacity, D): [0] minima, [1] maxima
-        if buffer.dim() != 5 or buffer.shape[3] < n_pages:  # grow by doubling
-            grown = keys.new_empty((2, *keys.shape[:2], max(2 * n_pages, 64), keys.shape[3]))
+        buffer = state["buffer"]  # (B, h, capacity, 2D): maxima, then minima
+        d = keys.shape[3]
+        if buffer.dim() != 4 or buffer.shape[2] < n_pages:  # grow by doubling
+            grown = keys.new_empty((*keys.shape[:2], max(2 * n_pages, 64), 2 * d))
             if first:
-                grown[:, :, :, :first] = buffer[:, :, :, :first]
+                grown[:, :, :first] = buffer[:, :, :first]
             state["buffer"] = buffer = grown
         mins, maxs = page_bounds(keys[:, :, first * self.page_size :], self.page_size)
-        buffer[0, :, :, first:n_pages] = mins
-        buffer[1, :, :, first:n_pages] = maxs
+        buffer[:, :, first:n_pages, :d] = maxs
+        buffer[:, :, first:n_pages, d:] = mins
         state.update(tokens=t, positions=obs.positions)
-        return buffer[0, :, :, :n_pages], buffer[1, :, :, :n_pages]
+        return buffer[:, :, :n_pages]
 
     def reads(self, obs: Observation) -> torch.Tensor | None:
         if obs.layer_idx < self.dense_layers:
@@ -128,9 +144,9 @@ class Quest(SelectiveMethod):
             return None
         if budget < self.page_size:
             raise BudgetError(self._too_small(budget))
-        mins, maxs = self.pages(obs)
-        n_pages = mins.shape[2]
-        bound = page_scores(obs.queries[:, :, -1], mins, maxs).amax(dim=2)  # (B, h, P)
+        bounds = self.bounds(obs)
+        n_pages = bounds.shape[2]
+        bound = packed_page_scores(obs.queries[:, :, -1], bounds).amax(dim=2)  # (B, h, P)
         if obs.valid is not None:
             pad = n_pages * self.page_size - t
             real = torch.nn.functional.pad(obs.valid, (0, pad)).view(b, h, n_pages, self.page_size).any(dim=-1)
