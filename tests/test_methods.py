@@ -146,6 +146,38 @@ def test_adakv_splits_the_layer_budget_across_heads_by_score():
     assert lengths[1] > lengths[0] >= 1  # the safeguard gives the concentrated head at least 1 token
 
 
+def test_top_set_picks_the_slots_top_slots_picks():
+    """The O(T) selection (kthvalue) keeps the same slots as the stable sort, ties to the lower slot included."""
+    from kvsieve.methods.base import top_set, top_slots
+
+    torch.manual_seed(0)
+    for trial in range(200):
+        t = int(torch.randint(2, 60, ()))
+        scores = torch.randint(0, 5, (2, 3, t)).float() if trial % 2 else torch.randn(2, 3, t)
+        scores[..., : trial % 4] = float("inf")
+        for k in {1, t // 2, t - 1, t}:
+            want = top_slots(scores, k).sort(dim=-1).values
+            assert torch.equal(top_set(scores, k), want), (trial, k)
+
+
+def test_adakv_allocates_all_heads_at_once_as_it_does_head_by_head():
+    """The padded, all-heads-at-once allocation (the fast path) keeps the same tokens per head as the loop over
+    heads, for heads of different lengths, tied scores and tokens forced in with +inf."""
+    from kvsieve.methods.adakv import _select_each, _select_padded
+
+    torch.manual_seed(0)
+    for trial in range(300):
+        lengths = torch.randint(20, 80, (int(torch.randint(1, 5, ())),)).tolist()
+        budget = int(torch.randint(5, min(lengths), ()))
+        per_head = [torch.randn(1, n) if trial % 3 else torch.randint(0, 4, (1, n)).float() for n in lengths]
+        if trial % 5 == 0:
+            for s in per_head:
+                s[0, -3:] = float("inf")
+        guaranteed = max(1, int(0.2 * budget))
+        fast, each = _select_padded(per_head, guaranteed, budget), _select_each(per_head, guaranteed, budget)
+        assert [sorted(f.flatten().tolist()) for f in fast] == [sorted(e.flatten().tolist()) for e in each], trial
+
+
 @pytest.mark.parametrize(
     "spec", ["adakv:snapkv", "adakv(alpha_safeguard=0.1):snapkv(window=16)", "h2o", "streaming_llm(n_sink=0)"]
 )

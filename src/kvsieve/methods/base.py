@@ -504,6 +504,19 @@ def top_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+def top_set(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The slots :func:`top_slots` picks (ties: lower slot first), in slot order, found in O(T) (``kthvalue``)
+    rather than by sorting: for callers that need the set, not the ranking. ``scores`` ``(..., T)``, no NaN."""
+    t = scores.shape[-1]
+    k = min(k, t)
+    kth = scores.kthvalue(t - k + 1, dim=-1, keepdim=True).values  # the k-th highest score of each row
+    above = scores > kth
+    tied = scores == kth
+    # every slot above the k-th score, then the lowest tied slots until the row has k
+    keep = above | (tied & (tied.cumsum(dim=-1) <= k - above.sum(dim=-1, keepdim=True)))
+    return keep.nonzero()[:, -1].view(*scores.shape[:-1], k)
+
+
 def check_sinks_fit(tokens: int, n_sink: int, what: str) -> None:
     """A budget must hold the sinks plus at least one recent token."""
     if tokens < n_sink + 1:
