@@ -78,7 +78,7 @@ class Config:
 
     def __init__(self, label: str, held: int | None, cache, sieve: Sieve | None, logits: torch.Tensor):
         self.label, self.held, self.cache, self.sieve, self.logits = label, held, cache, sieve, logits
-        self.times: list[list[float]] = []
+        self.times: list[float] = []
 
 
 def build_configs(model, snapshot: PrefillSnapshot, budgets: list[int], evicting, reading, strict) -> list[Config]:
@@ -131,18 +131,28 @@ def run(args: argparse.Namespace) -> None:
             snapshot = PrefillSnapshot(model, ids, [build(m) for m in evicting])
             configs = build_configs(model, snapshot, [b for b in budgets if b < length], evicting, reading, args.strict)
             del snapshot
-            for i in range(args.warmup + args.steps):
-                for config in configs:
-                    seconds = step(model, config)
-                    if i >= args.warmup:
-                        config.times.append([seconds])
+            decode_round(model, configs, args.warmup, args.steps)
             for config in configs:
-                rounds[key(config)].append([t[0] for t in config.times])
+                rounds[key(config)].append(config.times)
             del configs
         print(f"[{length}-token prompt] ({time.perf_counter() - t0:.0f} s)")
-        # per step, the fastest round (load bursts only ever slow a step down); then the mean over steps
-        per_token = {k: statistics.fmean(min(s) for s in zip(*v, strict=True)) for k, v in rounds.items()}
-        report(per_token, budgets, model.config.get_text_config().num_hidden_layers)
+        report(fastest_mean(rounds), budgets, model.config.get_text_config().num_hidden_layers)
+
+
+def decode_round(model, configs: list[Config], warmup: int, steps: int) -> None:
+    """One round: every configuration decodes ``warmup + steps`` tokens, taking turns step by step (a burst of load
+    hits them alike); each records the seconds of its timed steps in ``times``."""
+    for i in range(warmup + steps):
+        for config in configs:
+            seconds = step(model, config)
+            if i >= warmup:
+                config.times.append(seconds)
+
+
+def fastest_mean(rounds: dict[str, list[list[float]]]) -> dict[str, float]:
+    """Seconds per token from each configuration's rounds of step times: per step the fastest round (load bursts
+    only ever slow a step down), then the mean over steps."""
+    return {k: statistics.fmean(min(s) for s in zip(*v, strict=True)) for k, v in rounds.items()}
 
 
 def key(config: Config) -> str:

@@ -13,13 +13,12 @@ its two dense layers. Configurations take turns step by step, each step counts i
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from decode_speed import Config, plain_cache, step
+from decode_speed import Config, decode_round, fastest_mean, plain_cache
 from kvsieve import Sieve
 from kvsieve.methods.base import Observation
 from kvsieve.methods.families import SelectiveMethod
@@ -70,14 +69,10 @@ def main() -> None:
                 cache = snapshot.compress(sieve.method, None)
             configs.append(Config(label, n, cache, sieve, snapshot.last_logits))
         del snapshot
-        for i in range(3 + args.steps):
-            for config in configs:
-                seconds = step(model, config)
-                if i >= 3:
-                    config.times.append([seconds])
+        decode_round(model, configs, 3, args.steps)
         for config in configs:
-            rounds[config.label].append([t[0] for t in config.times])
-    per_token = {k: statistics.fmean(min(s) for s in zip(*v, strict=True)) for k, v in rounds.items()}
+            rounds[config.label].append(config.times)
+    per_token = fastest_mean(rounds)
     base = per_token[f"plain@{n}"]
     print(f"{args.context}-token prompt, reading {n}; {args.steps} steps interleaved, fastest of {args.repeats} rounds")
     print(f"  {'configuration':<30}{'ms/token':>10}{'/ plain@N':>11}")
