@@ -21,10 +21,10 @@ same held size) and to kvsieve ``full``. The targets of the core (issue 9): ``fu
 evicting with ``budget=1024`` within 1.1x of ``plain@1024``; reading 256 within 1.15x of ``plain@256``.
 
 A selective-read method also attends to every held token somewhere by design (Quest's and TidalDecode's dense
-layers, TidalDecode's token-selection layers, Recycled Attention's full steps), so
-printed beside its ratio is the bound that this part alone sets, from the same run: with ``f`` the share of
-(layer, step) attention passes over every token, no method can cost less than ``1 + f (plain / plain@N - 1)`` times
-``plain@N`` (free selection and gathering; each layer costing what plain transformers' layers cost on average).
+layers, TidalDecode's token-selection layers, Recycled Attention's full steps), so printed beside its ratio is the
+bound that this part alone sets, from the same run: with ``f`` the share of (layer, step) attention passes over every
+token, no method can cost less than ``1 + f (plain / plain@N - 1)`` times ``plain@N`` (free selection and gathering;
+each layer costing what plain transformers' layers cost on average). ``read_floor.py`` measures the gathering alone.
 
     python benchmarks/decode_speed.py                       # 4k and 8k, budgets 256 and 1024, float32
     python benchmarks/decode_speed.py --contexts 4096 --steps 8 --budgets 1024 --methods snapkv
