@@ -2,48 +2,36 @@
 
 Usage: python benchmarks/overhead.py [--context 2048] [--steps 64] [--repeats 3] [--methods ...]
 
-Each method prefills the same random-token prompt (single pass, the method compressing at the end as in kvpress) to
-a token budget of ``context x (1 - compression)`` and then decodes ``--steps`` tokens greedily, evicting down to the
-budget every ``interval`` steps (the default, 16; ``--interval 1`` evicts at every step). The methods take turns step
-by step, so a burst of load hits them alike; the whole is repeated ``--repeats`` times, each step (and each prefill)
-counts its fastest round, and a method's decode time is the mean over its steps. Ratios are ours / full from the same
-run; the target of the core (issue 9) is a decode ratio of at most 1.1 for every method.
+Each method prefills the same random-token prompt (single pass, the method compressing at the end as in kvpress) to a
+token budget of ``context x (1 - compression)`` and then decodes ``--steps`` tokens greedily, evicting down to the
+budget every ``interval`` steps (the default, 16; ``--interval 1`` evicts at every step). The methods take turns step by
+step, so a burst of load hits them alike; the whole is repeated ``--repeats`` times, each step (and each prefill) counts
+its fastest round, and a method's decode time is the mean over its steps (``decode_speed.py``'s rounds). Ratios are ours
+over `full` from the same run; the target of the core (issue 9) is a decode ratio of at most 1.1 for every method.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
+from decode_speed import Config, decode_round, fastest_mean
 from kvsieve import Sieve, load_model, prefill
-from kvsieve.compat import cache_kwargs
 
 DEFAULT_METHODS = "full,streaming_llm,h2o,a2sf,snapkv,tova,knorm,random,adakv:snapkv"
 
 
-class Run:
-    """One method's sieve, cache and next token, decoded one step at a time between the other methods' steps."""
-
-    def __init__(self, model, ids: torch.Tensor, spec: str, budget: int, interval: int | None):
-        extra = {} if interval is None else {"interval": interval}
-        self.sieve = Sieve(spec) if spec == "full" else Sieve(spec, budget=budget, **extra)
-        with self.sieve.attach(model) as cache, torch.no_grad():
-            t0 = time.perf_counter()
-            logits = prefill(model, ids, cache)
-            self.prefill_s = time.perf_counter() - t0
-        self.cache, self.token = cache, logits.argmax(-1, keepdim=True)
-        self.steps: list[float] = []
-
-    @torch.no_grad()
-    def step(self, model) -> None:
-        with self.sieve.attach(model, cache=self.cache) as cache:  # re-entered each step (not timed)
-            t0 = time.perf_counter()
-            out = model(self.token, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-            self.steps.append(time.perf_counter() - t0)
-        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+def prefilled(model, ids: torch.Tensor, spec: str, budget: int, interval: int | None) -> tuple[Config, float]:
+    """One method's prompt prefilled into its own cache: the configuration that decodes from it, and the seconds."""
+    extra = {} if interval is None else {"interval": interval}
+    sieve = Sieve(spec) if spec == "full" else Sieve(spec, budget=budget, **extra)
+    with sieve.attach(model) as cache, torch.no_grad():
+        t0 = time.perf_counter()
+        logits = prefill(model, ids, cache)
+        seconds = time.perf_counter() - t0
+    return Config(spec, None, cache, sieve, logits), seconds
 
 
 def main() -> None:
@@ -63,19 +51,18 @@ def main() -> None:
     ids = torch.randint(100, model.config.vocab_size - 100, (1, args.context), generator=gen)
     budget = int(args.context * (1 - args.compression))
     specs = [s.strip() for s in args.methods.split(",") if s.strip()]
-    Run(model, ids[:, :256], "full", budget, None).step(model)  # warm-up
+    decode_round(model, [prefilled(model, ids[:, :256], "full", budget, None)[0]], 0, 1)  # warm-up
     prefills: dict[str, list[float]] = {s: [] for s in specs}
     decodes: dict[str, list[list[float]]] = {s: [] for s in specs}
     for _ in range(args.repeats):
-        runs = {spec: Run(model, ids, spec, budget, args.interval) for spec in specs}
-        for _ in range(args.steps):
-            for run in runs.values():
-                run.step(model)
-        for spec, run in runs.items():
-            prefills[spec].append(run.prefill_s)
-            decodes[spec].append(run.steps)
-        del runs
-    best = {s: (min(prefills[s]), statistics.fmean(min(step) for step in zip(*decodes[s], strict=True))) for s in specs}
+        made = {spec: prefilled(model, ids, spec, budget, args.interval) for spec in specs}
+        decode_round(model, [config for config, _ in made.values()], 0, args.steps)
+        for spec, (config, seconds) in made.items():
+            prefills[spec].append(seconds)
+            decodes[spec].append(config.times)
+        del made
+    decode = fastest_mean(decodes)
+    best = {s: (min(prefills[s]), decode[s]) for s in specs}
     base_p, base_d = best["full"] if "full" in best else next(iter(best.values()))
     interval = "default interval (16)" if args.interval is None else f"interval {args.interval}"
     print(
