@@ -351,7 +351,7 @@ def test_same_inputs_same_outputs(model, profile_path, spec):
 @pytest.mark.parametrize("spec", CACHE)
 def test_packed_decoding_equals_attention_over_repeated_heads(model, profile_path, spec, monkeypatch):
     """Decoding reads (selective reads, per-head segments) take the packed route (``attention.decode_packed``); with
-    the repeated-heads reference in its place every pass's logits agree, over a 300-token prompt."""
+    the route it replaced (``sdpa_output`` unpacked) in its place every pass's logits agree, over a 300-token prompt."""
     from kvsieve import attention
 
     kwargs = budget_args(spec, profile_path, budget=96)
@@ -359,17 +359,14 @@ def test_packed_decoding_equals_attention_over_repeated_heads(model, profile_pat
     ids = prompt_ids(300)
     calls = []
 
-    def repeated_heads(query, keys, values, allowed, scaling, bias=None):
+    class Module(torch.nn.Module):  # what sdpa_output reads of an attention module
+        is_causal = True
+
+    def repeated_heads(query, keys, values, allowed, scaling, bias=None):  # the route packing replaced
         calls.append(keys.shape[2])
-        groups = query.shape[1] // keys.shape[1]
-        mask = allowed.repeat_interleave(groups, dim=1) if allowed is not None and allowed.shape[1] > 1 else allowed
-        if bias is not None:
-            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1), attn_mask=mask,
-            scale=scaling,
-        )  # fmt: skip
-        return out.transpose(1, 2)
+        module = Module()
+        module.num_key_value_groups = query.shape[1] // keys.shape[1]
+        return attention.sdpa_output(module, query, keys, values, allowed, scaling, bias=bias)
 
     with Sieve(method_of(spec, profile_path), **kwargs).attach(model) as cache:
         fast = run(model, cache, ids, steps=6)
