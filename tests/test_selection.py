@@ -225,14 +225,15 @@ def test_quest_pages_grow_incrementally_and_rebuild_after_eviction():
     for t in range(9, 20):  # one decoding step at a time
         keys = torch.cat([keys, torch.randn(1, 2, 1, 4)], dim=2)
         obs = obs_for(keys, torch.randn(1, 2, 1, 4), budget=8, layer_state=layer_state)
-        mins, maxs = method.pages(obs)
+        bounds = method.bounds(obs)  # maxima, then minima
+        maxs, mins = bounds[..., :4], bounds[..., 4:]
         ref_min, ref_max = page_bounds(keys, 4)
         assert torch.equal(mins, ref_min) and torch.equal(maxs, ref_max), t
     state = next(iter(layer_state.values()))
     assert state["rebuilds"] == 1
     evicted = obs_for(keys[:, :, 1:], torch.randn(1, 2, 1, 4), budget=8, layer_state=layer_state)
     evicted.positions = evicted.positions + 1  # token 0 is gone: every index shifted
-    mins, _ = method.pages(evicted)
+    mins = method.bounds(evicted)[..., 4:]
     assert torch.equal(mins, page_bounds(keys[:, :, 1:], 4)[0]) and state["rebuilds"] == 2
 
 

@@ -101,12 +101,6 @@ class Quest(SelectiveMethod):
             f"page; use at least {self.page_size} tokens or a smaller page_size"
         )
 
-    def pages(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min and max keys of every page of the held tokens, ``(B, h, P, D)`` each (views of :meth:`bounds`)."""
-        bounds = self.bounds(obs)
-        d = obs.keys.shape[3]
-        return bounds[..., d:], bounds[..., :d]
-
     def bounds(self, obs: Observation) -> torch.Tensor:
         """Max then min keys of every page of the held tokens, ``(B, h, P, 2D)``, updated incrementally.
 
